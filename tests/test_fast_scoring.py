@@ -95,6 +95,42 @@ def test_fast_path_off_sends_everything_through_prompt_logprobs() -> None:
     assert p.chains == () and p.prompt_logprobs == (0, 1) and p.num_requests == 2
 
 
+def test_forcing_processor_walks_down_then_reports_the_argmax_it_overrode() -> None:
+    import torch
+    from vllm import SamplingParams
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    from hubkit.backends.vllm_forced import FORCED_TOKENS_ARG, REPORT_STEPS_ARG, ForcedTokens
+
+    forced, report = [5, 6], [0]
+    params = SamplingParams(
+        max_tokens=4, temperature=0.0, extra_args={FORCED_TOKENS_ARG: forced, REPORT_STEPS_ARG: report}
+    )
+    ForcedTokens.validate_params(params)
+    with pytest.raises(ValueError, match="max_tokens=4"):
+        ForcedTokens.validate_params(SamplingParams(max_tokens=3, extra_args=params.extra_args))
+    proc = ForcedTokens(None, torch.device("cpu"), False)  # type: ignore[arg-type]
+    output: list[int] = []
+    plain = SamplingParams(max_tokens=4, temperature=0.0)  # another request in the batch: untouched
+    proc.update_state(
+        BatchUpdate(
+            batch_size=2, removed=[], added=[(0, plain, None, []), (1, params, None, output)], moved=[]
+        )
+    )
+    # Raw argmax per step: 2, 3, 4, 7; the request gets 5, 6 (forced), 4 (free), then 2 (reported).
+    expected = [5, 6, 4, 2]
+    for step, argmax in enumerate([2, 3, 4, 7]):
+        logits = torch.zeros(2, 10)
+        logits[:, argmax] = 1.0
+        out = proc.apply(logits)
+        assert int(out[0].argmax()) == argmax and torch.isfinite(out[0]).all()
+        assert int(out[1].argmax()) == expected[step]
+        output.append(int(out[1].argmax()))
+    assert output == expected
+    proc.update_state(BatchUpdate(batch_size=1, removed=[1], added=[], moved=[]))
+    assert not proc.rows
+
+
 # ----------------------------------------------------------------------------------------------------
 # Exactness on a real engine
 # ----------------------------------------------------------------------------------------------------
