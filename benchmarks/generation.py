@@ -1,8 +1,16 @@
 """Generation throughput: hubkit's pool vs bare vLLM vs batched transformers, and streaming HTTP load.
 
-Everything runs in one process, on the same prompts and token counts (greedy, ``ignore_eos`` so every
-system produces exactly ``--max-tokens`` tokens), so the ratios are comparable even on a noisy shared
-machine. bare vLLM and hubkit are measured alternately (``--rounds`` times, median kept) for the same reason.
+Everything runs in one process, on the same prompts, greedy, so every system writes the same tokens and
+the ratios are comparable even on a noisy shared machine (bare vLLM and hubkit pools are measured
+alternately, ``--rounds`` times, median kept). Two settings:
+
+* ``length``: ``ignore_eos``, every sequence is exactly ``--max-tokens`` long (static batching's best case);
+* ``eos``: every sequence ends at its end-of-text token, at most ``--eos-max-tokens`` (how generation is
+  used: the KoGPT demo's max_length is 128). A padded ``generate`` batch keeps stepping until its longest
+  sequence ends; vLLM's continuous batching drops finished ones. tokens/s counts the tokens written.
+
+hubkit runs 1 and 2 engine actors; with 2, each binds its compute threads to its own core
+(:func:`hubkit.pool.cpu_binding`).
 
     .venv/bin/python benchmarks/generation.py            # writes benchmarks/results/generation.md
 
@@ -30,6 +38,7 @@ SAMPLE = ROOT / "tests" / "data" / "ko_reviews_sample.txt"
 
 @dataclass(frozen=True)
 class Row:
+    setting: str
     model: str
     system: str
     batch: str
@@ -60,7 +69,9 @@ def build_25m(default_dir: str, out: Path) -> str:
     return str(out)
 
 
-def bench_transformers(model: str, prompts: list[str], params, batch_sizes: list[int], bs1_prompts: int) -> list[Row]:
+def bench_transformers(
+    setting: str, model: str, prompts: list[str], params, batch_sizes: list[int], bs1_prompts: int
+) -> list[Row]:
     from hubkit.backends.transformers import TransformersBackend
 
     backend = TransformersBackend(model, dtype="float32")
@@ -72,39 +83,47 @@ def bench_transformers(model: str, prompts: list[str], params, batch_sizes: list
         tokens = 0
         for i in range(0, len(subset), bs):
             tokens += sum(c.completion_tokens for c in backend.generate_batch(subset[i : i + bs], params))
-        rows.append(Row(Path(model).name, "transformers generate", str(bs), tokens, time.perf_counter() - t0))
+        seconds = time.perf_counter() - t0
+        rows.append(Row(setting, Path(model).name, "transformers generate", str(bs), tokens, seconds))
         print(rows[-1], flush=True)
     backend.shutdown()
     return rows
 
 
-def bench_vllm_and_pool(model: str, prompts: list[str], params, rounds: int) -> list[Row]:
+def bench_vllm_and_pool(
+    setting: str, model: str, prompts: list[str], params, rounds: int, replicas: list[int]
+) -> list[Row]:
+    """bare vLLM and hubkit pools of each size, measured alternately; the median round of each is kept."""
     import vllm
 
     from hubkit.pool import EnginePool
 
     llm = vllm.LLM(model=model, dtype="float32", enforce_eager=True, seed=0)
-    vparams = vllm.SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=True)
-    pool = EnginePool(model, replicas=1, engine_options={"dtype": "float32"})
+    vparams = vllm.SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
     llm.generate(prompts[:4], vparams, use_tqdm=False)
-    pool.generate(prompts[:4], params)
-    bare, ours = [], []
-    for _ in range(rounds):
+    pools = {n: EnginePool(model, replicas=n, engine_options={"dtype": "float32"}) for n in replicas}
+    for pool in pools.values():
+        pool.generate(prompts[:4], params)
+    bare: list[tuple[int, float]] = []
+    ours: dict[int, list[tuple[int, float]]] = {n: [] for n in replicas}
+    for _ in range(rounds):  # alternating, so a noisy neighbour hurts every system alike
         t0 = time.perf_counter()
         out = llm.generate(prompts, vparams, use_tqdm=False)
         bare.append((sum(len(o.outputs[0].token_ids) for o in out), time.perf_counter() - t0))
-        t0 = time.perf_counter()
-        res = pool.generate(prompts, params)
-        ours.append((sum(c.completion_tokens for c in res), time.perf_counter() - t0))
-    pool.shutdown()
+        for n, pool in pools.items():
+            t0 = time.perf_counter()
+            res = pool.generate(prompts, params)
+            ours[n].append((sum(c.completion_tokens for c in res), time.perf_counter() - t0))
+    for pool in pools.values():
+        pool.shutdown()
     del llm
     gc.collect()
     name = Path(model).name
     med = lambda xs: sorted(xs, key=lambda t: t[0] / t[1])[len(xs) // 2]  # noqa: E731 - median by tok/s
-    rows = [
-        Row(name, "bare vllm.LLM.generate", str(len(prompts)), *med(bare)),
-        Row(name, "hubkit EnginePool (1 Ray actor)", str(len(prompts)), *med(ours)),
-    ]
+    rows = [Row(setting, name, "bare vllm.LLM.generate", str(len(prompts)), *med(bare))]
+    for n in replicas:
+        label = "1 Ray actor" if n == 1 else f"{n} Ray actors"
+        rows.append(Row(setting, name, f"hubkit EnginePool ({label})", str(len(prompts)), *med(ours[n])))
     for r in rows:
         print(r, flush=True)
     return rows
@@ -123,8 +142,14 @@ async def _stream_load(base_url: str, model_name: str, prompts: list[str], max_t
         t0 = time.perf_counter()
         ttft = None
         tokens = 0
-        body = {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                "stream": True, "ignore_eos": True}
+        body = {
+            "model": model_name,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "ignore_eos": True,
+        }
         async with client.stream("POST", f"{base_url}/v1/completions", json=body) as r:
             r.raise_for_status()
             async for line in r.aiter_lines():
@@ -160,8 +185,9 @@ def bench_http(model: str, prompts: list[str], max_tokens: int) -> dict:
     from hubkit.serving import serve as hubkit_serve
 
     port = free_port()
-    base = hubkit_serve(model, port=port, blocking=False, served_model_name="bench",
-                        engine_options={"dtype": "float32"})
+    base = hubkit_serve(
+        model, port=port, blocking=False, served_model_name="bench", engine_options={"dtype": "float32"}
+    )
     base = base.rstrip("/").removesuffix("/v1")
     asyncio.run(_stream_load(base, "bench", prompts[:4], 4))  # warm-up
     stats = asyncio.run(_stream_load(base, "bench", prompts, max_tokens))
@@ -171,26 +197,42 @@ def bench_http(model: str, prompts: list[str], max_tokens: int) -> dict:
 
 
 def write_table(rows: list[Row], http: dict | None, args: argparse.Namespace, out: Path) -> str:
+    settings = {
+        "length": f"ignore_eos, exactly {args.max_tokens} new tokens each",
+        "eos": f"each sequence stops at end-of-text, at most {args.eos_max_tokens} new tokens",
+    }
     lines = [
-        f"Greedy, {args.prompts} Korean prompts x {args.max_tokens} new tokens (ignore_eos), float32 on CPU, "
-        f"{os.cpu_count()} cores. Median of {args.rounds} alternating rounds for vLLM/hubkit.",
+        f"Greedy, {args.prompts} Korean prompts, float32 on CPU, {os.cpu_count()} cores shared with other work. "
+        f"Median of {args.rounds} alternating rounds for vLLM/hubkit. Settings: "
+        + "; ".join(f"`{k}` = {v}" for k, v in settings.items() if k in {r.setting for r in rows})
+        + ".",
         "",
-        "| model | system | batch | tokens | s | tokens/s |",
-        "|---|---|---:|---:|---:|---:|",
+        "| setting | model | system | batch | tokens | s | tokens/s |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r.model} | {r.system} | {r.batch} | {r.tokens} | {r.seconds:.2f} | {r.tokens_per_second:.1f} |")
-    lines += ["", "| model | hubkit / transformers@64 | hubkit / bare vLLM |", "|---|---:|---:|"]
-    for model in dict.fromkeys(r.model for r in rows):
-        get = {(r.system, r.batch): r.tokens_per_second for r in rows if r.model == model}
-        ours = next(v for (s, _), v in get.items() if s.startswith("hubkit"))
+        lines.append(
+            f"| {r.setting} | {r.model} | {r.system} | {r.batch} | {r.tokens} | {r.seconds:.2f} "
+            f"| {r.tokens_per_second:.1f} |"
+        )
+    lines += [
+        "",
+        "| setting | model | hubkit x1 / transformers@64 | hubkit x2 / transformers@64 | hubkit x1 / bare vLLM |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for setting, model in dict.fromkeys((r.setting, r.model) for r in rows):
+        get = {
+            (r.system, r.batch): r.tokens_per_second for r in rows if (r.setting, r.model) == (setting, model)
+        }
+        one = next((v for (s, _), v in get.items() if s.endswith("(1 Ray actor)")), float("nan"))
+        two = next((v for (s, _), v in get.items() if s.endswith("(2 Ray actors)")), float("nan"))
         bare = next(v for (s, _), v in get.items() if s.startswith("bare"))
         hf64 = get.get(("transformers generate", "64"), float("nan"))
-        lines.append(f"| {model} | {ours / hf64:.2f}x | {ours / bare:.2f} |")
+        lines.append(f"| {setting} | {model} | {one / hf64:.2f}x | {two / hf64:.2f}x | {one / bare:.2f} |")
     if http:
         lines += [
             "",
-            "| HTTP streaming (hubkit serve, default model) | value |",
+            f"| HTTP streaming (hubkit serve, default model, {http['setting']}) | value |",
             "|---|---:|",
             f"| concurrent requests | {http['requests']} |",
             f"| errors | {http['errors']} |",
@@ -201,19 +243,27 @@ def write_table(rows: list[Row], http: dict | None, args: argparse.Namespace, ou
     text = "\n".join(lines) + "\n"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
-    (out.with_suffix(".json")).write_text(
-        json.dumps({"rows": [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in rows], "http": http},
-                   indent=2, ensure_ascii=False), encoding="utf-8")
+    rows_json = [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in rows]
+    out.with_suffix(".json").write_text(
+        json.dumps({"rows": rows_json, "http": http}, indent=2, ensure_ascii=False), encoding="utf-8"
+    )
     return text
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument(
+        "--max-tokens", type=int, default=64, help="new tokens per prompt in the `length` setting"
+    )
+    parser.add_argument("--eos-max-tokens", type=int, default=128, help="cap in the `eos` setting")
+    parser.add_argument("--settings", default="length,eos")
+    parser.add_argument("--replicas", default="1,2", help="hubkit pool sizes to measure")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-sizes", default="1,16,64")
-    parser.add_argument("--bs1-prompts", type=int, default=16, help="prompts timed at batch size 1 (it is slow)")
+    parser.add_argument(
+        "--bs1-prompts", type=int, default=16, help="prompts timed at batch size 1 (it is slow)"
+    )
     parser.add_argument("--models", default="default,neox-25m")
     parser.add_argument("--no-http", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generation.md")
@@ -223,19 +273,27 @@ def main() -> None:
     from hubkit.engine import SamplingParams
     from hubkit.models import resolve_model
 
-    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    settings = {
+        "length": SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True),
+        "eos": SamplingParams(temperature=0.0, max_tokens=args.eos_max_tokens),
+    }
+    replicas = [int(n) for n in args.replicas.split(",")]
     prompts = korean_prompts(args.prompts)
     default_dir = resolve_model("default")
     rows: list[Row] = []
     http = None
     with tempfile.TemporaryDirectory() as tmp:
+        models = {}
         for name in args.models.split(","):
-            model = default_dir if name == "default" else build_25m(default_dir, Path(tmp) / name)
-            rows += bench_vllm_and_pool(model, prompts, params, args.rounds)
-            rows += bench_transformers(model, prompts, params, [int(b) for b in args.batch_sizes.split(",")],
-                                       args.bs1_prompts)
+            models[name] = default_dir if name == "default" else build_25m(default_dir, Path(tmp) / name)
+        for setting in args.settings.split(","):
+            params = settings[setting]
+            for model in models.values():
+                rows += bench_vllm_and_pool(setting, model, prompts, params, args.rounds, replicas)
+                batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+                rows += bench_transformers(setting, model, prompts, params, batch_sizes, args.bs1_prompts)
         if not args.no_http:
-            http = bench_http(default_dir, prompts, args.max_tokens)
+            http = bench_http(default_dir, prompts, args.max_tokens) | {"setting": "length"}
     print(write_table(rows, http, args, args.out))
 
 

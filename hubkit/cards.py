@@ -10,8 +10,9 @@ Everything on a card is computed from files, never from a live engine:
   n-shot curves;
 - ``train_log.jsonl`` / ``training.json`` written by ``hubkit train-lm``: the training table and loss plot.
 
-The card is rendered through ``huggingface_hub.ModelCard.from_template`` from the Jinja template in
-``model_cards/templates/``; plots are PNG files in ``plots/`` next to the card, linked by relative paths.
+The card is rendered through ``huggingface_hub.ModelCard.from_template`` from the Jinja template shipped in
+the package (``hubkit/assets/card_templates/``, also reachable as ``model_cards/templates/`` in a source
+checkout); plots are PNG files in ``plots/`` next to the card, linked by relative paths.
 A missing input leaves its section out. torch, transformers and matplotlib are imported inside functions.
 """
 
@@ -34,8 +35,9 @@ if TYPE_CHECKING:
 
     from hubkit.results import RunMetrics, ShotResult
 
-#: Folder of the card templates; ``HUBKIT_CARD_TEMPLATES`` overrides it.
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "model_cards" / "templates"
+#: Folder of the card templates, package data (so a wheel install has them); ``HUBKIT_CARD_TEMPLATES``
+#: overrides it. ``model_cards/templates`` in the source tree is a symlink to it.
+TEMPLATES_DIR = Path(__file__).resolve().parent / "assets" / "card_templates"
 MODEL_CARD_TEMPLATE = "model_card.md.j2"
 CARD_FILE = "README.md"
 PLOTS_DIR = "plots"
@@ -113,10 +115,45 @@ def meta_model(config: PretrainedConfig) -> torch.nn.Module:
     cls = getattr(transformers, arch, None) if arch else None
     with torch.device("meta"):
         if cls is not None:
-            return cls(config)
-        if getattr(config, "is_encoder_decoder", False):
-            return transformers.AutoModelForSeq2SeqLM.from_config(config)
-        return transformers.AutoModelForCausalLM.from_config(config)
+            model = cls(config)
+        elif getattr(config, "is_encoder_decoder", False):
+            model = transformers.AutoModelForSeq2SeqLM.from_config(config)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(config)
+        if _untied_t5(config):
+            from hubkit.presets import untie_t5_head
+
+            model = untie_t5_head(model)
+    return model
+
+
+def _untied_t5(config: PretrainedConfig) -> bool:
+    # transformers 5 builds every T5 tied and records an untied checkpoint (ByT5, T5 v1.1, KEByT5,
+    # hubkit's t5-byte) only as scale_decoder_outputs=False; 4.x keeps tie_word_embeddings=False.
+    if getattr(config, "model_type", "") not in ("t5", "mt5", "umt5"):
+        return False
+    return getattr(config, "scale_decoder_outputs", None) is False or config.tie_word_embeddings is False
+
+
+#: How the card names a ByT5-style tokenizer (token id = UTF-8 byte + 3).
+BYTE_TOKENIZER = "byte-level (UTF-8 byte + 3)"
+BYTE_SENTINELS = "<extra_id_0> = 258, <extra_id_1> = 257, ... (ByT5's)"
+#: The usage snippets' prompt for a span-filling model.
+SPAN_PROMPT = "배우들 <extra_id_0> 좋았다"
+
+
+def tokenizer_kind(model_dir: str | os.PathLike[str]) -> str | None:
+    """``BYTE_TOKENIZER`` for a folder whose tokenizer is ByT5's, else None (the table shows sizes only)."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return (
+        BYTE_TOKENIZER
+        if isinstance(config, dict) and config.get("tokenizer_class") == "ByT5Tokenizer"
+        else None
+    )
 
 
 # --------------------------------------------------------------------------------------------- hyperparameters
@@ -139,6 +176,7 @@ class Hyperparameters:
         positional_encoding: e.g. "Rotary Position Embedding (RoPE)".
         rope_dimensions: dimensions of each head that RoPE rotates (None without RoPE).
         encoder_layers: encoder layers of an encoder-decoder.
+        tokenizer: what kind of tokenizer, when the size alone would mislead (``BYTE_TOKENIZER``).
     """
 
     n_parameters: int
@@ -153,6 +191,7 @@ class Hyperparameters:
     positional_encoding: str = ""
     rope_dimensions: int | None = None
     encoder_layers: int | None = None
+    tokenizer: str | None = None
 
     def rows(self) -> list[tuple[str, str]]:
         """``(label, value)`` rows as the seed cards print them; unknown values are left out."""
@@ -178,6 +217,7 @@ class Hyperparameters:
             (r"\\(n_{vocab}\\)", vocab),
             ("Positional Encoding", positional or None),
             ("RoPE Dimensions", f"{self.rope_dimensions:,}" if self.rope_dimensions is not None else None),
+            ("Tokenizer", self.tokenizer),
         ]
         return [(k, v) for k, v in rows if v is not None]
 
@@ -198,14 +238,24 @@ class Hyperparameters:
             parts.append(
                 f"Rotary Position Embedding (RoPE) is applied to {self.rope_dimensions} dimensions of each head."
             )
-        parts.append(
-            f"The model is trained with a tokenization vocabulary of {self.tokenizer_size or self.n_vocab}."
-        )
+        if self.tokenizer == BYTE_TOKENIZER:
+            parts.append(
+                "The model reads and writes raw UTF-8 bytes: token id = byte + 3, after pad (0), </s> (1) and "
+                f"unk (2), so no vocabulary was learned; the embedding has {self.n_vocab} rows."
+            )
+        else:
+            parts.append(
+                f"The model is trained with a tokenization vocabulary of {self.tokenizer_size or self.n_vocab}."
+            )
         return " ".join(parts)
 
 
 def hyperparameters(
-    config: PretrainedConfig, model: torch.nn.Module | None = None, *, tokenizer_size: int | None = None
+    config: PretrainedConfig,
+    model: torch.nn.Module | None = None,
+    *,
+    tokenizer_size: int | None = None,
+    tokenizer: str | None = None,
 ) -> Hyperparameters:
     """Computes the hyperparameter table from a config (and its meta model, for the parameter count)."""
     model = model if model is not None else meta_model(config)
@@ -242,6 +292,7 @@ def hyperparameters(
         n_ctx=int(n_ctx) if n_ctx else None,
         n_vocab=int(config.vocab_size),
         tokenizer_size=tokenizer_size,
+        tokenizer=tokenizer,
         positional_encoding=positional,
         rope_dimensions=rope,
         encoder_layers=encoder_layers,
@@ -545,19 +596,23 @@ def plot_loss(log: TrainLog, path: Path) -> Path | None:
         label="training loss",
     )
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats / token)")
+    # train-lm logs held-out perplexity; `hubkit tune` logs eval accuracy (and a per-row classification loss).
+    key, name = ("perplexity", "held-out perplexity")
+    if log.eval and not all("perplexity" in r for r in log.eval) and all("acc" in r for r in log.eval):
+        key, name = ("acc", "eval accuracy")
+    ax.set_ylabel("loss (nats / token)" if key == "perplexity" else "loss (cross-entropy / row)")
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()
     if log.eval:
         ax2 = ax.twinx()
         ax2.plot(
             [r["step"] for r in log.eval],
-            [r["perplexity"] for r in log.eval],
+            [r[key] for r in log.eval],
             "o--",
             color="tab:orange",
-            label="held-out perplexity",
+            label=name,
         )
-        ax2.set_ylabel("held-out perplexity")
+        ax2.set_ylabel(name)
         more = ax2.get_legend_handles_labels()
         handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels, loc="upper right")
@@ -732,7 +787,7 @@ def build_card(
         description: the summary paragraph (default: generated).
         depth: how deep the parameter table goes.
         plots: draw PNG plots (only with ``out_dir``).
-        template: a Jinja template to use instead of ``model_cards/templates/model_card.md.j2``.
+        template: a Jinja template to use instead of the packaged ``model_card.md.j2``.
 
     Returns:
         The card text and what was written.
@@ -747,17 +802,23 @@ def build_card(
     folder = Path(model_dir).expanduser().resolve() if model_dir is not None else None
     if folder is not None and not folder.is_dir():
         raise DataError(f"model folder {folder} does not exist")
-    config = load_config(folder, preset=preset)
+    tuned = read_tuned(folder)
+    # A PEFT adapter folder has no config.json: its architecture, tokenizer and dtype are the base model's.
+    config_dir = tuned.config_dir if tuned is not None else folder
+    config = load_config(config_dir, preset=preset)
     template_path = _template_path(template)
     out = Path(out_dir).expanduser().resolve() if out_dir is not None else None
     name = repo_id or (folder.name if folder else preset) or "model"
     short_name = name.rsplit("/", 1)[-1]
 
     model = meta_model(config)
-    tok_size = tokenizer_size(folder) if folder else SEED_TOKENIZER_SIZES.get(preset or "")
-    hyper = hyperparameters(config, model, tokenizer_size=tok_size)
+    tok_size = tokenizer_size(config_dir) if config_dir else SEED_TOKENIZER_SIZES.get(preset or "")
+    tok_kind = tokenizer_kind(config_dir) if config_dir else None
+    if preset and tok_kind is None and getattr(config, "model_type", "") == "t5":
+        tok_kind = BYTE_TOKENIZER  # hubkit's t5 presets are ByT5-shaped
+    hyper = hyperparameters(config, model, tokenizer_size=tok_size, tokenizer=tok_kind)
     weights_dtype = (
-        dtype or (_weights_dtype(folder) if folder else None) or _config_dtype(config) or "float32"
+        dtype or (_weights_dtype(config_dir) if config_dir else None) or _config_dtype(config) or "float32"
     )
     if weights_dtype not in _BYTES:
         raise InvalidRequestError(f"dtype {weights_dtype!r} unknown; use float32, bfloat16 or float16")
@@ -769,6 +830,8 @@ def build_card(
         else None
     )
 
+    if tuned is not None and not results:
+        results = tuned.results  # its own eval predictions, unless runs were given
     runs = _load_runs(
         [Path(r) for r in results], read_metrics, identities=_identities(folder, repo_id, preset)
     )
@@ -780,7 +843,7 @@ def build_card(
         return out / rel if draw and out is not None else None
 
     # --- training
-    training_rows, loss_plot = _training_rows(training, log), None
+    training_rows, loss_plot = (_training_rows(training, log) if tuned is None else []), None
     if log is not None and (p := plot_path(f"{PLOTS_DIR}/loss.png")) is not None and plot_loss(log, p):
         written.append(p)
         loss_plot = f"{PLOTS_DIR}/loss.png"
@@ -830,9 +893,11 @@ def build_card(
     trainable = training.get("trainable_parameters") if isinstance(training, Mapping) else None
     usage = (
         _usage(repo_id or (str(folder) if folder else None), revision, endpoint)
-        if (folder or repo_id) and not seq2seq
+        if (folder or repo_id)
         else None
     )
+    if usage is not None and seq2seq:
+        usage |= {"seq2seq": True, "prompt": SPAN_PROMPT}
     kwargs = dict(
         title=title or name,
         name=short_name,
@@ -857,7 +922,21 @@ def build_card(
         n_parameters_short=_short(hyper.n_parameters),
         privacy_note=_privacy_note(training),
         citations=_citations(datasets),
+        seq2seq=seq2seq,
+        span_corruption=isinstance(training, Mapping) and bool(training.get("objective")),
     )
+    if tuned is not None:
+        kwargs |= _tuned_fields(
+            tuned,
+            card_data,
+            name=short_name,
+            repo_id=repo_id,
+            revision=revision,
+            description=description,
+            plot_path=plot_path,
+            written=written,
+            own_results=[Path(r) for r in results] == list(tuned.results),
+        )
     card = ModelCard.from_template(card_data, template_path=str(template_path), **kwargs)
     text = _tidy(str(card))
     path = None
@@ -878,8 +957,8 @@ def _template_path(template: str | os.PathLike[str] | None) -> Path:
         path = root / MODEL_CARD_TEMPLATE
     if not path.is_file():
         raise DataError(
-            f"card template {path} not found; run from a hubkit source checkout or set HUBKIT_CARD_TEMPLATES "
-            "to a folder holding model_card.md.j2"
+            f"card template {path} not found; reinstall hubkit or set HUBKIT_CARD_TEMPLATES to a folder "
+            "holding model_card.md.j2"
         )
     return path
 
@@ -1084,7 +1163,8 @@ def _training_rows(training: Mapping[str, Any] | None, log: TrainLog | None) -> 
             rows.append(("final training loss", f"{float(training['final_loss']):.4f}"))
         held = training.get("heldout") or {}
         if held.get("perplexity") is not None:
-            rows.append(("held-out perplexity", f"{float(held['perplexity']):.2f}"))
+            label = f"held-out {held.get('metric') or 'perplexity'}"
+            rows.append((label, f"{float(held['perplexity']):.2f}"))
         if held.get("bits_per_byte") is not None:
             rows.append(("held-out bits per byte", f"{float(held['bits_per_byte']):.4f}"))
         if training.get("train_seconds") is not None:
@@ -1115,9 +1195,16 @@ def _training_text(training: Mapping[str, Any] | None) -> str:
     if config.get("batch_size") and config.get("seq_len"):
         bits.append(f"batches of {config['batch_size']} x {config['seq_len']} tokens")
     if config.get("lr"):
-        bits.append(f"AdamW at peak learning rate {config['lr']:g} with warmup and cosine decay")
+        optimizer = training.get("optimizer") or "AdamW"
+        bits.append(f"{optimizer} at peak learning rate {config['lr']:g} with warmup and cosine decay")
     if tok.get("vocab_size"):
         bits.append(f"a {tok.get('type', 'BPE')} tokenizer of {int(tok['vocab_size']):,} tokens")
+    objective = training.get("objective") or {}
+    if objective.get("noise_density") is not None:
+        bits.append(
+            f"T5 span corruption ({float(objective['noise_density']):.0%} of the bytes masked in spans of "
+            f"{float(objective.get('mean_span_length', 0)):g} bytes on average; sentinels {BYTE_SENTINELS})"
+        )
     return ("Trained from scratch with `hubkit train-lm`: " + ", ".join(bits) + ".") if bits else ""
 
 
@@ -1232,3 +1319,210 @@ def local_dir_name(repo_id: str, revision: str | None) -> str:
     if not revision:
         return name
     return revision if name.lower() in revision.lower() else f"{name}-{revision}"
+
+
+# --------------------------------------------------------------------------------------------- tuned models
+
+TUNING_FILE = "tuning.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+#: Eval rows the labels-vs-predictions plot shows.
+PREDICTION_PLOT_ROWS = 100
+
+
+@dataclass(frozen=True, kw_only=True)
+class TunedFolder:
+    """A folder written by ``hubkit tune``: a PEFT prompt-tuning adapter or a fully fine-tuned model.
+
+    Attributes:
+        folder: the folder.
+        tuning: its ``tuning.json``.
+        adapter: its ``adapter_config.json`` (None for a fully fine-tuned model).
+        config_dir: where the architecture comes from: the base model for an adapter, else the folder.
+        results: its eval run folders (``eval/``), for the card's evaluation section.
+    """
+
+    folder: Path
+    tuning: dict[str, Any]
+    adapter: dict[str, Any] | None
+    config_dir: Path
+    results: tuple[Path, ...]
+
+
+def read_tuned(folder: Path | None) -> TunedFolder | None:
+    """The ``hubkit tune`` record of ``folder``, or None for any other folder.
+
+    Raises:
+        DataError: an adapter folder whose base model cannot be found locally.
+    """
+    if folder is None or not (folder / TUNING_FILE).is_file():
+        return None
+    tuning = _read_json(folder / TUNING_FILE) or {}
+    adapter = _read_json(folder / ADAPTER_CONFIG_FILE) if (folder / ADAPTER_CONFIG_FILE).is_file() else None
+    config_dir = folder
+    if adapter is not None and not (folder / "config.json").is_file():
+        from hubkit.errors import ModelNotFoundError
+        from hubkit.models import resolve_model
+
+        base = tuning.get("base_model_path") or adapter.get("base_model_name_or_path") or ""
+        try:
+            config_dir = Path(resolve_model(base))
+        except ModelNotFoundError:
+            config_dir = Path("/nonexistent")
+        if not (config_dir / "config.json").is_file():
+            raise DataError(
+                f"the base model {base!r} of adapter {folder} is not a local folder; download it first, or set "
+                f"base_model_path in {folder / TUNING_FILE}"
+            )
+    run = tuning.get("eval_run")
+    results = (folder / run,) if run and (folder / run / "metrics.json").is_file() else ()
+    return TunedFolder(folder=folder, tuning=tuning, adapter=adapter, config_dir=config_dir, results=results)
+
+
+def _tuned_fields(
+    tuned: TunedFolder,
+    card_data: Any,
+    *,
+    name: str,
+    repo_id: str | None,
+    revision: str | None,
+    description: str | None,
+    plot_path,
+    written: list[Path],
+    own_results: bool = True,
+) -> dict[str, Any]:
+    """The card sections a tuned folder changes: summary, parameters, training, plots, usage."""
+    t = tuned.tuning
+    prompt = t.get("method") == "prompt"
+    total = int(t.get("total_parameters") or 0)
+    trainable = int(t.get("trainable_parameters") or 0)
+    base = str(t.get("base_model") or (tuned.adapter or {}).get("base_model_name_or_path") or "")
+    labels = ", ".join(t.get("labels") or [])
+    task = str(t.get("task") or "")
+    if prompt:
+        summary = (
+            f"{name} is a soft prompt of {t.get('num_virtual_tokens')} virtual tokens for `{base}`: "
+            f"{trainable:,} trainable parameters ({trainable / total if total else 0:.2%} of {total:,}); the base "
+            f"model stays frozen. It was trained with `hubkit tune` to answer the `{task}` task ({labels})."
+        )
+        card_data.library_name = "peft"
+    else:
+        summary = (
+            f"{name} is `{base}` with all {total:,} parameters fine-tuned by `hubkit tune` for the `{task}` task "
+            f"({labels})."
+        )
+    card_data.tags = [
+        *(card_data.tags or []),
+        "prompt-tuning" if prompt else "fine-tuned",
+        "text-classification",
+    ]
+    rows: list[tuple[str, str]] = [("method", "prompt tuning (PEFT)" if prompt else "full fine-tuning")]
+    if prompt:
+        rows.append(("virtual tokens", f"{t.get('num_virtual_tokens')} (init: {t.get('init')})"))
+    rows.append(("training rows", f"{int(t.get('train_rows') or 0):,}"))
+    if t.get("steps") is not None:
+        planned = t.get("planned_steps")
+        rows.append(
+            (
+                "steps",
+                f"{int(t['steps']):,}"
+                + (f" of {int(planned):,}" if planned and planned != t["steps"] else ""),
+            )
+        )
+    if t.get("epochs") is not None:
+        rows.append(("epochs", f"{float(t['epochs']):.2f}"))
+    if t.get("stopped_early"):
+        rows.append(("early stopping", "yes (eval accuracy stopped improving)"))
+    if t.get("final_loss") is not None:
+        rows.append(("final training loss", f"{float(t['final_loss']):.4f}"))
+    if t.get("best_eval_acc") is not None:
+        rows.append(
+            (
+                "best periodic eval accuracy",
+                f"{float(t['best_eval_acc']):.4f} at step {t.get('best_step')} ({t.get('eval_rows_periodic')} rows)",
+            )
+        )
+    if isinstance(t.get("eval"), Mapping) and t["eval"].get("acc") is not None:
+        rows.append(
+            ("eval accuracy (saved weights)", f"{float(t['eval']['acc']):.4f} ({t.get('eval_rows')} rows)")
+        )
+    if t.get("train_seconds") is not None:
+        rows.append(("training time", f"{float(t['train_seconds']) / 60:.1f} min"))
+    config = t.get("config") or {}
+    text = (
+        f"Trained with `hubkit tune --method {t.get('method')}`. The task's prompt `{t.get('prompt', '')}` and its "
+        f"choices ({labels}) make the classifier: a choice's score is the summed log-probability of "
+        '`" " + choice` after the prompt, as the `loglikelihood` verb computes it, and training minimises the '
+        f"cross-entropy of the gold choice over the scores (AdamW at peak learning rate {t.get('learning_rate')}, "
+        f"linear warmup and decay, batches of {config.get('batch_size')} rows of similar length"
+        + (", early stopping on eval accuracy)." if config.get("eval") else ").")
+    )
+    fields: dict[str, Any] = {
+        "param_summary": parameter_summary(total, trainable) if total else None,
+        "training_rows": rows,
+        "training_text": text,
+        "training_command": t.get("command"),
+        "predictions_plot": _predictions_plot(tuned, plot_path, written),
+        "training_data": [
+            f"- Tuning data: `{Path(str(config.get('train', ''))).name}`, {int(t.get('train_rows') or 0):,} rows"
+            + (
+                f"; eval data: `{Path(str(config['eval'])).name}`, {t.get('eval_rows')} rows."
+                if config.get("eval")
+                else "."
+            )
+        ],
+    }
+    if not description:
+        fields["summary"] = summary
+    if own_results and tuned.results:
+        fields["evaluation_text"] = (
+            "Scored by `hubkit tune` on its eval data with transformers + peft in float32: each choice's score is "
+            "its summed log-probability (what the `loglikelihood` verb returns), the prediction the best-scoring "
+            f"choice. The numbers come from `{tuned.results[0].name}/metrics.json`; "
+            f"`{tuned.results[0].name}/predictions.parquet` holds every row's prediction."
+        )
+    if t.get("dataset") == "nsmc":
+        fields["privacy_note"] = (
+            "It was tuned on public movie reviews (NSMC), which can contain names and other details their "
+            "authors wrote."
+        )
+        fields["training_data"].insert(0, f"- {_KNOWN_DATASETS['nsmc']['line']}")
+    if prompt:
+        where = repo_id or str(tuned.folder)
+        fields["usage"] = None
+        fields["adapter_usage"] = {
+            "base": base,
+            "repo_id": where,
+            "revision_arg": f', revision="{revision}"' if revision else "",
+            "local_dir": local_dir_name(repo_id, revision) if repo_id else str(tuned.folder),
+            "task": task,
+        }
+    return fields
+
+
+def _predictions_plot(tuned: TunedFolder, plot_path, written: list[Path]) -> dict[str, Any] | None:
+    """Labels vs predictions of the first eval rows (ko-gpt-bot-sc's plot), from the eval run's predictions."""
+    if not tuned.results:
+        return None
+    predictions = tuned.results[0] / "predictions.parquet"
+    rel = f"{PLOTS_DIR}/labels_vs_predictions.png"
+    target = plot_path(rel)
+    if target is None or not predictions.is_file():
+        return None
+    import pandas as pd
+
+    from hubkit.plots import plot_labels_predictions
+
+    frame = pd.read_parquet(predictions, columns=["label_index", "prediction_index", "error"])
+    frame = frame[frame["error"].isna() & frame["label_index"].notna()].head(PREDICTION_PLOT_ROWS)
+    labels = list(tuned.tuning.get("labels") or [])
+    path = plot_labels_predictions(
+        labels,
+        [int(v) for v in frame["label_index"]],
+        [int(v) for v in frame["prediction_index"]],
+        target,
+        title=f"{tuned.tuning.get('task', '')}: labels and predictions",
+    )
+    if path is None:
+        return None
+    written.append(path)
+    return {"path": rel, "rows": len(frame)}

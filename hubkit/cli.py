@@ -14,7 +14,8 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_positional: bool = Tru
     if model_positional:
         p.add_argument("model", nargs="?", default="default",
                        help="model folder, Hub id, or 'default' (the embedded Korean model)")
-    p.add_argument("--backend", choices=["vllm", "transformers"], default="vllm", help="engine backend")
+    p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default="auto",
+                   help="engine backend (default auto: transformers for encoder-decoders like byte-level T5, else vllm)")
     p.add_argument("--replicas", type=int, default=1, help="number of Ray engine actors")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started for you)")
@@ -44,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_args(p, model_positional=False)
     _add_sampling_args(p)
     p.add_argument("--no-stream", action="store_true", help="print the completion at the end, not as it comes")
+    p.add_argument("--adapter", default=None,
+                   help="PEFT prompt-tuning folder (`hubkit tune`) whose soft prompt the engine puts before every input")
 
     p = sub.add_parser("chat", help="interactive prompt loop (prompt, temperature, max_length), like KoGPT's demo")
     _add_engine_args(p)
+    p.add_argument("--adapter", default=None,
+                   help="PEFT prompt-tuning folder (`hubkit tune`) whose soft prompt the engine puts before every input")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP API on Ray Serve")
     _add_engine_args(p)
@@ -54,15 +59,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None, help="name clients use in 'model' (default: folder name)")
 
-    p = sub.add_parser("train-lm", help="train a byte-level BPE tokenizer and a small GPT-NeoX on Korean text")
+    p = sub.add_parser("train-lm", help="train a byte-level BPE tokenizer and a small GPT-NeoX on Korean text "
+                       "(--arch t5-byte: a byte-level T5 with span corruption)")
     p.add_argument("data", type=Path, help="plain text (one document per line) or NSMC .txt/.tsv (id, document, label)")
     p.add_argument("--out", type=Path, required=True, help="output folder (a Hugging Face model folder at the end)")
-    p.add_argument("--preset", default="neox-small", help="model preset (see `hubkit presets`)")
-    p.add_argument("--vocab-size", type=int, default=8000)
+    p.add_argument("--arch", choices=["neox", "t5-byte"], default="neox",
+                   help="neox: decoder, next-token loss (default); t5-byte: ByT5-style T5, span corruption")
+    p.add_argument("--preset", default=None,
+                   help="model preset (see `hubkit presets`; default neox-small, or t5-byte-small with --arch t5-byte)")
+    p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (default 8000; not for t5-byte)")
+    p.add_argument("--noise-density", type=float, default=0.15, help="t5-byte: fraction of bytes masked")
+    p.add_argument("--mean-span-length", type=float, default=20.0, help="t5-byte: mean masked span in bytes")
     p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (t5-byte: encoder input bytes)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (default 1e-3 AdamW; t5-byte: 1e-2 Adafactor, as T5)")
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--eval-data", type=Path, default=None, help="held-out documents for perplexity")
@@ -94,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_card_publish_parsers(sub)
     _add_score_parser(sub)
     _add_demo_parser(sub)
+    _add_tune_parser(sub)
     return parser
 
 
@@ -111,7 +124,8 @@ def _pool(args: argparse.Namespace):
     from hubkit.pool import EnginePool
 
     return EnginePool(model, backend=args.backend, replicas=args.replicas,
-                      address=args.address, engine_options={"dtype": args.dtype})
+                      address=args.address, engine_options={"dtype": args.dtype},
+                      adapter=getattr(args, "adapter", None))
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
@@ -159,7 +173,8 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
     config = TrainConfig(data=args.data, out=args.out, preset=args.preset, vocab_size=args.vocab_size,
                          steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                          warmup=args.warmup, checkpoint_every=args.checkpoint_every, eval_data=args.eval_data,
-                         max_docs=args.max_docs, dtype=args.dtype, seed=args.seed, resume=args.resume)
+                         max_docs=args.max_docs, dtype=args.dtype, seed=args.seed, resume=args.resume,
+                         arch=args.arch, noise_density=args.noise_density, mean_span_length=args.mean_span_length)
     result = train_lm(config)
     print(result.summary())
     return 0
@@ -230,7 +245,10 @@ def cmd_card(args: argparse.Namespace) -> int:
     from hubkit.cards import build_card
     from hubkit.models import resolve_model
 
-    model_dir = resolve_model(args.model_dir) if args.model_dir is not None else None
+    if args.model_dir is not None and (Path(args.model_dir) / "adapter_config.json").is_file():
+        model_dir = str(Path(args.model_dir).resolve())  # a `hubkit tune` adapter folder: no config.json
+    else:
+        model_dir = resolve_model(args.model_dir) if args.model_dir is not None else None
     out = None if args.stdout else (args.out or model_dir)
     result = build_card(model_dir, preset=args.preset, results=args.results, train_log=args.train_log, out_dir=out,
                         repo_id=args.repo_id, revision=args.revision, license=args.license, datasets=args.dataset,
@@ -261,6 +279,8 @@ def _add_score_parser(sub) -> None:
     p = sub.add_parser("score", help="score a task (nsmc, kobest_*, perplexity, a task YAML) on data files with Ray")
     p.add_argument("model", nargs="?", default=None, help="model folder, Hub id, or 'default' (default: default)")
     p.add_argument("--config", type=Path, default=None, help="job YAML with the same fields as these flags")
+    p.add_argument("--adapter", default=None,
+                   help="PEFT prompt-tuning folder (`hubkit tune`) the engines apply to MODEL")
     p.add_argument("--task", default=None, help="built-in task (nsmc, kobest_boolq, ..., perplexity) or task YAML")
     p.add_argument("--data", nargs="+", default=None, help="data files or folders (.txt/.tsv NSMC, .csv, .jsonl, .parquet)")
     p.add_argument("--out", default=None, help="run folder (rerun the same command to resume an interrupted job)")
@@ -273,7 +293,8 @@ def _add_score_parser(sub) -> None:
                    help="data format when the extension does not say")
     p.add_argument("--limit", type=int, default=None, help="score only the first N rows")
     p.add_argument("--split", default=None, help="name of the data split for reports and cards, e.g. test")
-    p.add_argument("--backend", choices=["vllm", "transformers"], default=None, help="engine backend (default: vllm)")
+    p.add_argument("--backend", choices=["auto", "vllm", "transformers"], default=None,
+                   help="engine backend (default auto: transformers for encoder-decoders like byte-level T5, else vllm)")
     p.add_argument("--replicas", type=int, default=None, help="engine actors (default: 1)")
     p.add_argument("--address", default=None,
                    help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray started for you)")
@@ -309,6 +330,8 @@ def _add_demo_parser(sub) -> None:
     p.add_argument("--endpoint", default=None,
                    help="URL of a running `hubkit serve` to use instead of loading MODEL (default: $HUBKIT_ENDPOINT)")
     p.add_argument("--compare-model", default=None, help="second model for the compare demo")
+    p.add_argument("--adapter", default=None,
+                   help="PEFT prompt-tuning folder applied to MODEL (not to --compare-model; default: $HUBKIT_ADAPTER)")
     p.add_argument("--compare-endpoint", default=None, help="second server for the compare demo")
     p.add_argument("--runs", type=Path, default=None, help="folder of `hubkit score` runs (default: $HUBKIT_RUNS or runs)")
     p.add_argument("--host", default=None, help="interface (default: $GRADIO_SERVER_NAME or 127.0.0.1)")
@@ -320,11 +343,69 @@ def _add_demo_parser(sub) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     from hubkit.demo import run_demo
 
-    run_demo(args.demo, model=args.model, endpoint=args.endpoint, compare_model=args.compare_model,
+    run_demo(args.demo, model=args.model, adapter=args.adapter, endpoint=args.endpoint,
+             compare_model=args.compare_model,
              compare_endpoint=args.compare_endpoint, runs_dir=args.runs, backend=args.backend,
              replicas=args.replicas, address=args.address,
              engine_options={"dtype": args.dtype} if args.dtype != "auto" else None,
              host=args.host, port=args.port, privacy_filter=not args.no_privacy_filter)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- tune
+
+
+def _add_tune_parser(sub) -> None:
+    from hubkit.tuning import DEFAULT_LR
+
+    p = sub.add_parser("tune", help="prompt tuning (a soft prompt on the frozen model) or full fine-tuning for a task")
+    p.add_argument("model", nargs="?", default="default", help="base model folder, Hub id, or 'default'")
+    p.add_argument("--method", choices=["prompt", "full"], default="prompt",
+                   help="prompt: train N virtual tokens, the model frozen (PEFT format); full: train every weight")
+    p.add_argument("--task", default="nsmc", help="built-in task (nsmc, kobest_*) or task YAML: prompt and choices")
+    p.add_argument("--train", type=Path, required=True, help="labelled training data (.txt/.tsv NSMC, .csv, .jsonl, .parquet)")
+    p.add_argument("--eval", type=Path, default=None,
+                   help="labelled data for periodic evaluation, early stopping and the final predictions")
+    p.add_argument("--out", type=Path, required=True,
+                   help="run folder, the adapter/model folder at the end (rerun the same command to resume)")
+    p.add_argument("--num-virtual-tokens", type=int, default=50, help="soft-prompt length (prompt method)")
+    p.add_argument("--init", choices=["examples", "vocab", "random", "text"], default="examples",
+                   help="soft-prompt init: task examples from --train (a few-shot prompt), vocabulary embeddings, "
+                        "random, or --init-text")
+    p.add_argument("--init-text", default=None, help="text whose embeddings start the soft prompt (--init text)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None,
+                   help=f"peak AdamW learning rate (default: {DEFAULT_LR['prompt']} prompt, {DEFAULT_LR['full']} full)")
+    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=None, help="default: 0 prompt, 0.01 full")
+    p.add_argument("--eval-every", type=int, default=200, help="steps between evaluations and checkpoints")
+    p.add_argument("--eval-rows", type=int, default=1000, help="eval rows used at each periodic evaluation")
+    p.add_argument("--patience", type=int, default=5, help="evaluations without improvement before stopping (0: never)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N training rows")
+    p.add_argument("--columns", action="append", default=None,
+                   help="task_field=column pairs for other schemas, e.g. document=review,label=sentiment")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the idle CPUs)")
+    p.add_argument("--no-card", dest="card", action="store_false", help="do not write README.md and plots/")
+    p.add_argument("--overwrite", action="store_true", help="replace a different run found in --out")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from hubkit.datasets import parse_columns
+    from hubkit.tuning import TuneConfig, tune
+
+    config = TuneConfig(
+        model=args.model, method=args.method, task=args.task, train=args.train, eval=args.eval, out=args.out,
+        num_virtual_tokens=args.num_virtual_tokens, init=args.init, init_text=args.init_text, epochs=args.epochs,
+        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay, eval_every=args.eval_every, eval_rows=args.eval_rows,
+        patience=args.patience, limit=args.limit, columns=parse_columns(args.columns), seed=args.seed,
+        threads=args.threads, card=args.card, overwrite=args.overwrite, progress=args.progress,
+    )
+    print(tune(config).summary())
     return 0
 
 
@@ -340,6 +421,7 @@ COMMANDS = {
     "publish": cmd_publish,
     "score": cmd_score,
     "demo": cmd_demo,
+    "tune": cmd_tune,
 }
 
 

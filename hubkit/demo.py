@@ -15,7 +15,8 @@ Four apps, each a ``gr.Blocks`` built by a function here, so that a Space's ``ap
 
 The apps talk to an :class:`EngineClient`: :class:`PoolClient` wraps a local
 :class:`~hubkit.pool.EnginePool`; :class:`HTTPClient` talks to a running ``hubkit serve`` (its
-OpenAI-compatible ``/v1/completions``, streamed as server-sent events). :func:`connect_engine` picks one:
+OpenAI-compatible ``/v1/completions``, streamed as server-sent events, and ``/v1/loglikelihood`` for the
+sentiment demo). :func:`connect_engine` picks one:
 ``$HUBKIT_ENDPOINT`` set means the server, otherwise a model is loaded.
 
 Every app runs with Gradio's queue (a concurrency limit and a maximum queue size, see
@@ -67,6 +68,8 @@ ENDPOINT_B_ENV = "HUBKIT_ENDPOINT_B"
 MODEL_ENV = "HUBKIT_MODEL"
 #: The second model of the compare demo.
 MODEL_B_ENV = "HUBKIT_MODEL_B"
+#: A prompt-tuning adapter folder applied to the model a Space loads (see :mod:`hubkit.adapters`).
+ADAPTER_ENV = "HUBKIT_ADAPTER"
 #: Engine options for Spaces, as JSON (e.g. ``{"dtype": "float32"}``).
 ENGINE_OPTIONS_ENV = "HUBKIT_ENGINE_OPTIONS"
 #: Folder of scoring run folders for the results page.
@@ -184,8 +187,8 @@ class PoolClient:
 class HTTPClient:
     """An :class:`EngineClient` over a running ``hubkit serve`` (or any OpenAI-compatible server).
 
-    Generation uses ``POST /v1/completions`` with ``stream: true``. ``hubkit serve`` has no
-    log-likelihood endpoint, so :meth:`aloglikelihood` refuses with a message saying so.
+    Generation uses ``POST /v1/completions`` with ``stream: true``; log-likelihoods use hubkit's
+    ``POST /v1/loglikelihood`` (a plain OpenAI server has none: :meth:`aloglikelihood` then says so).
 
     Args:
         endpoint: The server's base URL, e.g. ``http://127.0.0.1:8000`` (a trailing ``/v1`` is fine).
@@ -254,10 +257,34 @@ class HTTPClient:
         return _SSEStream(self._client(), body)
 
     async def aloglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
-        raise InvalidRequestError(
-            f"the server at {self.endpoint} offers generation only (its OpenAI API has no log-likelihoods); "
-            f"run this demo with a local engine: unset {ENDPOINT_ENV} and pass a model"
-        )
+        import httpx
+
+        body = {
+            "model": self.model,
+            "requests": [{"context": r.context, "continuation": r.continuation} for r in requests],
+        }
+        try:
+            response = await self._client().post("/v1/loglikelihood", json=body)
+        except httpx.HTTPError as exc:
+            raise EngineError(
+                f"the server at {self.endpoint} failed: {type(exc).__name__}: {_first_line(str(exc))}"
+            ) from exc
+        if response.status_code in (404, 405):
+            raise InvalidRequestError(
+                f"the server at {self.endpoint} has no /v1/loglikelihood (it is not `hubkit serve`); "
+                f"run this demo against `hubkit serve`, or unset {ENDPOINT_ENV} and pass a model"
+            )
+        if response.status_code != 200:
+            raise _server_error(response.status_code, response.text)
+        data = response.json()["data"]
+        return [
+            Loglikelihood(
+                logprob=float(d["logprob"]),
+                is_greedy=bool(d["is_greedy"]),
+                num_tokens=int(d.get("num_tokens", 0)),
+            )
+            for d in sorted(data, key=lambda d: d["index"])
+        ]
 
     def close(self) -> None:
         clients, self._clients = list(self._clients.items()), weakref.WeakKeyDictionary()
@@ -339,11 +366,12 @@ def connect_engine(
     model: str | None = None,
     *,
     endpoint: str | None = None,
-    backend: str = "vllm",
+    backend: str = "auto",
     replicas: int = 1,
     address: str | None = None,
     engine_options: Mapping[str, Any] | None = None,
     num_cpus: float = 1,
+    adapter: str | None = None,
 ) -> EngineClient:
     """The engine the demos use: a running server when ``endpoint`` (or ``$HUBKIT_ENDPOINT``) is set,
     else a local :class:`~hubkit.pool.EnginePool` on ``model``.
@@ -351,18 +379,26 @@ def connect_engine(
     Args:
         model: Model folder, Hub id or "default"; ignored when an endpoint is used.
         endpoint: A ``hubkit serve`` URL; None reads ``$HUBKIT_ENDPOINT``, "" means none (load ``model``).
-        backend: Engine backend of a local pool, "vllm" or "transformers".
+        backend: Engine backend of a local pool: "auto" (transformers for encoder-decoders, vLLM
+            otherwise), "vllm" or "transformers".
         replicas: Engine actors of a local pool.
         address: Ray cluster address of a local pool.
         engine_options: Backend options, e.g. ``{"dtype": "float32"}``.
         num_cpus: Ray CPUs per engine actor.
+        adapter: A prompt-tuning adapter folder the local pool applies to ``model``.
 
     Raises:
         ModelNotFoundError: a model that cannot be found.
+        InvalidRequestError: an adapter together with an endpoint, or an adapter folder that cannot be used.
         EngineError: an unreachable endpoint, or an engine that failed to start.
     """
     if endpoint is None:
         endpoint = os.environ.get(ENDPOINT_ENV)
+    if endpoint and adapter:
+        raise InvalidRequestError(
+            f"an adapter is applied by a local engine, not by the server at {endpoint}; unset "
+            f"{ENDPOINT_ENV} to load the model here, or drop the adapter"
+        )
     if endpoint:
         return HTTPClient(endpoint)
     from hubkit.models import resolve_model
@@ -377,8 +413,10 @@ def connect_engine(
         address=address,
         engine_options=dict(engine_options or {}),
         num_cpus=num_cpus,
+        adapter=adapter,
     )
-    return PoolClient(pool, owns_pool=True)
+    label = f"{_model_label(resolved)} + {Path(pool.adapter).name}" if pool.adapter else None
+    return PoolClient(pool, label=label, owns_pool=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1292,11 +1330,12 @@ def run_demo(
     demo: DemoName = "all",
     *,
     model: str | None = None,
+    adapter: str | None = None,
     endpoint: str | None = None,
     compare_model: str | None = None,
     compare_endpoint: str | None = None,
     runs_dir: str | os.PathLike[str] | None = None,
-    backend: str = "vllm",
+    backend: str = "auto",
     replicas: int = 1,
     address: str | None = None,
     engine_options: Mapping[str, Any] | None = None,
@@ -1311,6 +1350,8 @@ def run_demo(
     Args:
         demo: ``all`` (tabs) or one of ``generate``, ``sentiment``, ``compare``, ``results``.
         model: Model folder, Hub id or "default" (default: ``$HUBKIT_MODEL``, else "default").
+        adapter: A prompt-tuning adapter folder applied to ``model``, not to ``compare_model``
+            (default: ``$HUBKIT_ADAPTER``).
         endpoint: A ``hubkit serve`` URL to use instead of loading a model (default ``$HUBKIT_ENDPOINT``).
         compare_model: Second model of the compare demo (default ``$HUBKIT_MODEL_B``); without it and
             without ``compare_endpoint``, the compare demo compares two sampling settings of one model.
@@ -1326,6 +1367,7 @@ def run_demo(
     if demo not in DEMOS:
         raise InvalidRequestError(f"unknown demo {demo!r}; use one of {', '.join(DEMOS)}")
     model = model or os.environ.get(MODEL_ENV) or "default"
+    adapter = adapter or os.environ.get(ADAPTER_ENV) or None
     options = dict(engine_options) if engine_options is not None else _engine_options_from_env()
     runs = runs_dir or os.environ.get(RUNS_ENV) or "runs"
     clients: list[EngineClient] = []
@@ -1334,7 +1376,7 @@ def run_demo(
         compare_with = None
         if demo != "results":
             client = connect_engine(model, endpoint=endpoint, backend=backend, replicas=replicas, address=address,
-                                    engine_options=options)  # fmt: skip
+                                    engine_options=options, adapter=adapter)  # fmt: skip
             clients.append(client)
             compare_endpoint = compare_endpoint or os.environ.get(ENDPOINT_B_ENV)
             compare_model = compare_model or os.environ.get(MODEL_B_ENV)
@@ -1362,6 +1404,7 @@ def _model_label(model: str) -> str:
 
 
 __all__ = [
+    "ADAPTER_ENV",
     "DEMOS",
     "ENDPOINT_ENV",
     "EXAMPLE_PROMPTS",

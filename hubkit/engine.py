@@ -21,6 +21,9 @@ from typing import Literal, Protocol, runtime_checkable
 from hubkit.errors import InvalidRequestError
 
 BackendName = Literal["vllm", "transformers"]
+#: What callers may ask for: a backend by name, or "auto" (see :func:`choose_backend`).
+BackendChoice = Literal["auto", "vllm", "transformers"]
+BACKEND_CHOICES: tuple[str, ...] = ("auto", "vllm", "transformers")
 
 #: Upper bound on ``max_tokens`` when a model does not say otherwise (its context length wins).
 DEFAULT_MAX_TOKENS_LIMIT = 4096
@@ -125,6 +128,65 @@ class Loglikelihood:
     num_tokens: int = field(default=0)
 
 
+@dataclass(frozen=True, kw_only=True)
+class PromptLogprobs:
+    """Per-token log-probs of a tokenized prompt, and of the greedy tokens generated after it: what
+    OpenAI's legacy ``/v1/completions`` reports for ``echo=true, logprobs=N`` (lm-eval's API scoring form).
+
+    An optional backend verb (``prompt_logprobs``) beside the two of the protocol: the HTTP API needs it
+    for clients that score through ``echo``; everything else scores with ``loglikelihood``.
+
+    Attributes:
+        token_ids: The prompt's tokens, then the generated ones.
+        logprobs: Each token's log-prob given the tokens before it; None for the first prompt token.
+        top_logprobs: Per token, the ``top`` most likely token ids at its position with their log-probs,
+            plus the token itself; None for the first prompt token.
+        num_prompt_tokens: How many of ``token_ids`` are the prompt.
+    """
+
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float | None, ...]
+    top_logprobs: tuple[dict[int, float] | None, ...]
+    num_prompt_tokens: int
+
+
+#: Most alternatives per position ``prompt_logprobs`` returns (vLLM's default ``max_logprobs``).
+MAX_TOP_LOGPROBS = 20
+
+
+def check_prompt_logprobs_args(
+    token_ids: object, *, top: object, max_tokens: object, vocab_size: int, max_model_len: int
+) -> list[int]:
+    """Validates ``prompt_logprobs`` arguments; returns the token ids as a list of ints.
+
+    Raises:
+        InvalidRequestError: naming the fix.
+    """
+    if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Sequence) or not token_ids:
+        raise InvalidRequestError("prompt token ids must be a non-empty list of integers")
+    ids = list(token_ids)
+    if not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        raise InvalidRequestError("prompt token ids must be integers")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise InvalidRequestError(
+            f"token id {bad} is out of this model's vocabulary (0..{vocab_size - 1}); tokenize with its tokenizer"
+        )
+    if not isinstance(top, int) or isinstance(top, bool) or not 0 <= top <= MAX_TOP_LOGPROBS:
+        raise InvalidRequestError(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}")
+    if max_tokens not in (0, 1) or isinstance(max_tokens, bool):
+        raise InvalidRequestError(
+            f"max_tokens must be 0 or 1 when scoring a prompt (echo with logprobs), got {max_tokens!r}"
+        )
+    # The engine generates one token even for max_tokens=0, so the prompt must leave room for it.
+    if len(ids) >= max_model_len:
+        raise InvalidRequestError(
+            f"prompt is {len(ids)} tokens but at most {max_model_len - 1} can be scored with this model's "
+            f"context of {max_model_len}; shorten the prompt"
+        )
+    return ids
+
+
 @runtime_checkable
 class Backend(Protocol):
     """What an engine backend implements. All methods are async so one backend serves many callers.
@@ -176,8 +238,113 @@ def check_prompt_length(num_prompt_tokens: int, params: SamplingParams, max_mode
         )
 
 
-def load_backend(model: str, *, backend: BackendName = "vllm", **options: object) -> Backend:
-    """Builds a backend by name. Heavy imports happen here, not at ``import hubkit``."""
+#: model_type values of encoder-decoder families, for configs that do not say ``is_encoder_decoder``.
+_ENCODER_DECODER_TYPES = frozenset(
+    ("t5", "mt5", "umt5", "longt5", "bart", "mbart", "pegasus", "marian", "switch_transformers", "led")
+)
+
+
+def model_config_dict(model: str) -> dict | None:
+    """The ``config.json`` of a model folder, of "default", or of a Hub id in the local HF cache; None if
+    it cannot be read (the backend will then report why when it loads the model).
+
+    Reads the JSON file only: no transformers, no network.
+    """
+    import json
+    from pathlib import Path
+
+    from hubkit.errors import HubkitError
+    from hubkit.models import resolve_model
+
+    try:
+        resolved = resolve_model(model)
+    except HubkitError:
+        return None
+    path = Path(resolved) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(resolved, "config.json")
+        except Exception:  # not a valid repo id, no cache: nothing to decide from
+            return None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def is_encoder_decoder(model: str) -> bool | None:
+    """True for an encoder-decoder (T5, ByT5, KEByT5, BART...), False for a decoder, None if unknown."""
+    config = model_config_dict(model)
+    if config is None:
+        return None
+    if "is_encoder_decoder" in config:
+        return bool(config["is_encoder_decoder"])
+    return config.get("model_type") in _ENCODER_DECODER_TYPES
+
+
+def choose_backend(model: str, backend: str = "auto") -> BackendName:
+    """The backend that runs ``model``: "auto" picks transformers for encoder-decoders and vLLM otherwise.
+
+    vLLM (0.32, CPU) runs decoders only, so a byte-level T5 such as KEByT5 goes to the transformers
+    backend; callers then see the same ``generate`` / ``loglikelihood`` verbs either way. A model whose
+    config cannot be read yet (a Hub id not downloaded) gets vLLM, which reports what is missing.
+
+    Args:
+        model: A model folder, "default", or a Hub id.
+        backend: "auto", "vllm" or "transformers".
+
+    Raises:
+        InvalidRequestError: an unknown backend name, or "vllm" asked for an encoder-decoder (naming the fix).
+        ModelNotFoundError: a model that needs remote code (e.g. GBST-KEByT5's gbswt5), which hubkit does
+            not run.
+    """
+    if backend not in BACKEND_CHOICES:
+        raise InvalidRequestError(f"unknown backend {backend!r}; use 'auto', 'vllm' or 'transformers'")
+    _refuse_remote_code(model)
+    if backend == "transformers":
+        return "transformers"
+    seq2seq = is_encoder_decoder(model)
+    if backend == "vllm" and seq2seq:
+        config = model_config_dict(model) or {}
+        kind = ", ".join(config.get("architectures") or []) or config.get("model_type") or "encoder-decoder"
+        raise InvalidRequestError(
+            f"vLLM cannot run encoder-decoder model {model!r} ({kind}); use --backend transformers "
+            "(or --backend auto, which picks it)"
+        )
+    return "transformers" if seq2seq else "vllm"
+
+
+def _refuse_remote_code(model: str) -> None:
+    """Refuses, in one line, a model whose config needs the model author's own Python code.
+
+    GBST-KEByT5 is one: its learned byte downsampling (GBST) lives in the ``gbswt5`` package, loaded with
+    ``trust_remote_code``. hubkit runs only architectures that transformers or vLLM implement themselves.
+    """
+    from hubkit.errors import ModelNotFoundError
+
+    config = model_config_dict(model) or {}
+    if not config.get("auto_map"):
+        return
+    kind = config.get("model_type") or ", ".join(config.get("architectures") or []) or "custom"
+    gbst = "gbst" in str(kind).lower() or "gbsw" in str(kind).lower()
+    raise ModelNotFoundError(
+        f"{model!r} needs remote code ({kind}"
+        + (": GBST's learned byte downsampling from the gbswt5 package" if gbst else "")
+        + "), which hubkit does not run; use a checkpoint of an architecture transformers implements"
+        + (" (plain ByT5/KEByT5 without GBST)" if gbst else "")
+    )
+
+
+def load_backend(model: str, *, backend: BackendChoice = "auto", **options: object) -> Backend:
+    """Builds a backend by name ("auto": see :func:`choose_backend`). Heavy imports happen here, not at
+    ``import hubkit``."""
+    backend = choose_backend(model, backend)
     if backend == "vllm":
         from hubkit.backends.vllm import VLLMBackend
 

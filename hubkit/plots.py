@@ -154,4 +154,44 @@ def plot_nshot(points: Mapping[int, float], path: Path, *, metric: str, title: s
     return _save(fig, path)
 
 
-__all__ = ["plot_confusion", "plot_nshot", "plot_scores", "tick_labels"]
+def plot_labels_predictions(
+    labels: Sequence[str],
+    golds: Sequence[int],
+    predictions: Sequence[int],
+    path: Path,
+    *,
+    title: str,
+) -> Path | None:
+    """ko-gpt-bot-sc's labels-vs-predictions picture: per row (in order), its true class and the predicted one.
+
+    Dots are the labels, crosses the predictions that differ from them, so each cross is an error.
+
+    Returns:
+        The path, or None when there are no rows.
+    """
+    if not golds or len(golds) != len(predictions):
+        return None
+    fig = _figure(max(6.4, min(14.0, len(golds) * 0.08)), 3.2)
+    ax = fig.subplots()
+    xs = list(range(len(golds)))
+    ax.plot(xs, golds, "o", color="tab:blue", markersize=4, label="label")
+    wrong = [i for i in xs if predictions[i] != golds[i]]
+    ax.plot(
+        wrong,
+        [predictions[i] for i in wrong],
+        "x",
+        color="tab:red",
+        markersize=7,
+        label=f"wrong prediction ({len(wrong)} of {len(golds)})",
+    )
+    ticks = tick_labels(labels)
+    ax.set_yticks(range(len(ticks)), ticks, **_font_kwargs())
+    ax.set_ylim(-0.5, len(ticks) - 0.5)
+    ax.set_xlabel("eval row")
+    ax.grid(alpha=0.3, axis="x")
+    ax.legend(loc="center right", fontsize="small")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+__all__ = ["plot_confusion", "plot_labels_predictions", "plot_nshot", "plot_scores", "tick_labels"]

@@ -33,13 +33,16 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
 from hubkit.engine import (
     GREEDY,
+    BackendChoice,
     BackendName,
     Completion,
     CompletionChunk,
     Loglikelihood,
     LoglikelihoodRequest,
+    PromptLogprobs,
     SamplingParams,
     check_prompt,
+    choose_backend,
     load_backend,
 )
 from hubkit.errors import EngineError, HubkitError, InvalidRequestError
@@ -169,6 +172,33 @@ def _error_chain_text(exc: BaseException) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+_SLOT_ENV = "HUBKIT_REPLICA_SLOT"
+_REPLICAS_ENV = "HUBKIT_REPLICAS"
+
+
+def _node_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+
+
+def cpu_binding(slot: int, replicas: int, cpus: Sequence[int]) -> str | None:
+    """The cores a vLLM CPU engine of replica ``slot`` binds its compute threads to (``VLLM_CPU_OMP_THREADS_BIND``).
+
+    vLLM's own "auto" binding leaves one core for its scheduler and binds every engine's worker to the
+    same remaining cores, so replicas on one machine used to share one core (measured here: two
+    replicas scored 1.04x one). One replica keeps vLLM's choice; several split the node's cores between
+    them, one disjoint set each (slots beyond the core count wrap around).
+
+    Returns:
+        A core list such as ``"1"`` or ``"2-3"``, or None to keep vLLM's default.
+    """
+    if replicas <= 1 or len(cpus) < 2:
+        return None
+    per = max(1, len(cpus) // replicas)
+    start = (slot * per) % len(cpus)
+    mine = cpus[start : start + per]
+    return ",".join(str(c) for c in mine)
+
+
 @ray.remote(max_concurrency=1000)
 class EngineActor:
     """One backend in a Ray actor. Async: one actor serves many concurrent requests.
@@ -183,6 +213,12 @@ class EngineActor:
         self._error: BaseException | None = None
         self._requests = 0
         self._backend: Any = None
+        if backend == "vllm" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            binding = cpu_binding(
+                int(os.environ.get(_SLOT_ENV, "0")), int(os.environ.get(_REPLICAS_ENV, "1")), _node_cpus()
+            )
+            if binding is not None:  # inherited by the engine processes vLLM spawns from here
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
         try:
             # Built off the event loop: engines start in a sync context, as they do outside Ray, and the
             # loop stays free to answer pings while a large model loads.
@@ -204,9 +240,11 @@ class EngineActor:
     async def info(self) -> dict[str, Any]:
         """Model, backend, context length and where this actor runs."""
         ctx = ray.get_runtime_context()
+        adapter = getattr(self._backend, "adapter", None)
         return {
             "model": self._model,
             "backend": self._backend_name,
+            "adapter": adapter.path if adapter is not None else None,
             "max_model_len": getattr(self._backend, "max_model_len", None),
             "loaded": self._backend is not None,
             "pid": os.getpid(),
@@ -230,6 +268,14 @@ class EngineActor:
 
     async def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
         return await self._check(len(requests)).loglikelihood(list(requests))
+
+    async def prompt_logprobs(self, token_ids: Sequence[int], top: int, max_tokens: int) -> PromptLogprobs:
+        backend = self._check(1)
+        if not hasattr(backend, "prompt_logprobs"):
+            raise InvalidRequestError(
+                f"the {self._backend_name} backend cannot report prompt log-probs; use /v1/loglikelihood"
+            )
+        return await backend.prompt_logprobs(list(token_ids), top=top, max_tokens=max_tokens)
 
     def shutdown(self) -> None:
         """Frees the engine (its processes and memory); the actor is killed after this."""
@@ -280,13 +326,17 @@ class EnginePool:
 
     Args:
         model: A local model folder or a Hub id (see :func:`hubkit.models.resolve_model`).
-        backend: ``"vllm"`` (default) or ``"transformers"``.
+        backend: ``"auto"`` (default: transformers for encoder-decoders such as byte-level T5, vLLM
+            otherwise; see :func:`hubkit.engine.choose_backend`), ``"vllm"`` or ``"transformers"``.
+            ``pool.backend`` is the one chosen.
         replicas: Number of engine actors.
         address: Ray cluster address; defaults to ``$RAY_ADDRESS``, else a local Ray is started.
         engine_options: Keyword options for the backend, e.g. ``{"dtype": "float32"}``.
         num_cpus: Ray CPUs reserved per actor (the engine's own processes are not counted by Ray).
         max_retries: How many times a request is retried on another actor after its actor died.
         name: Prefix for the actors' Ray names (``{name}-{slot}-{generation}``); unnamed if None.
+        adapter: A PEFT prompt-tuning folder every engine applies (the backends' ``adapter`` option);
+            checked here, before Ray starts. ``max_model_len`` then counts text tokens only.
 
     Raises:
         InvalidRequestError: bad arguments, or a local Ray without enough CPUs for the replicas.
@@ -298,16 +348,16 @@ class EnginePool:
         self,
         model: str,
         *,
-        backend: BackendName = "vllm",
+        backend: BackendChoice = "auto",
         replicas: int = 1,
         address: str | None = None,
         engine_options: Mapping[str, Any] | None = None,
         num_cpus: float = 1,
         max_retries: int = 1,
         name: str | None = None,
+        adapter: str | None = None,
     ) -> None:
-        if backend not in ("vllm", "transformers"):
-            raise InvalidRequestError(f"unknown backend {backend!r}; use 'vllm' or 'transformers'")
+        backend = choose_backend(model, backend)  # before Ray starts: vllm on a T5 fails here, in one line
         if not isinstance(replicas, int) or replicas < 1:
             raise InvalidRequestError(f"replicas must be a positive integer, got {replicas!r}")
         if num_cpus < 0:
@@ -320,6 +370,13 @@ class EnginePool:
         self.max_retries = max_retries
         self.name = name
         self._engine_options = dict(engine_options or {})
+        self.adapter: str | None = None
+        if adapter is not None:
+            from hubkit.adapters import load_prompt_adapter
+
+            # A bad folder fails here in one line, not in every actor; actors get the absolute path.
+            self.adapter = load_prompt_adapter(adapter).path
+            self._engine_options["adapter"] = self.adapter
         self._num_cpus = num_cpus
         # Re-entrant: a ready-callback may fire on the thread that is starting a replacement.
         self._lock = threading.RLock()
@@ -377,16 +434,18 @@ class EnginePool:
                 raise InvalidRequestError(message)
             logger.warning(message + "; waiting for the cluster to make room")
 
-    def _actor_env(self) -> dict[str, str]:
+    def _actor_env(self, slot: int) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k.startswith(_FORWARDED_ENV_PREFIXES)}
         for key, value in _ACTOR_ENV_DEFAULTS.items():
             env.setdefault(key, value)
+        # The actor picks its CPU binding from these on its own node (see cpu_binding).
+        env[_SLOT_ENV], env[_REPLICAS_ENV] = str(slot), str(self.replicas)
         return env
 
     def _start_replica(self, slot: int, generation: int, *, startup_failures: int = 0) -> _Replica:
         options: dict[str, Any] = {
             "num_cpus": self._num_cpus,
-            "runtime_env": {"env_vars": self._actor_env()},
+            "runtime_env": {"env_vars": self._actor_env(slot)},
             # Replicas on different nodes when the cluster has several: one node failing takes fewer down.
             "scheduling_strategy": "SPREAD",
             # The pool replaces dead actors itself (and knows which requests to retry); Ray must not.
@@ -471,6 +530,7 @@ class EnginePool:
         return {
             "model": self.model,
             "backend": self.backend,
+            "adapter": self.adapter,
             "replicas": self.replicas,
             "max_model_len": self.max_model_len,
             "alive": len(actors),
@@ -580,6 +640,19 @@ class EnginePool:
     async def aloglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
         """Async ``loglikelihood``, on the caller's event loop."""
         return await self._loglikelihood_many(requests, progress=False)
+
+    async def aprompt_logprobs(
+        self, token_ids: Sequence[int], *, top: int = 0, max_tokens: int = 0
+    ) -> PromptLogprobs:
+        """Per-token log-probs of a tokenized prompt (OpenAI's ``echo`` + ``logprobs``), on the caller's loop.
+
+        Args:
+            token_ids: The prompt's token ids.
+            top: Alternatives reported per position (besides the token itself), 0 to 20.
+            max_tokens: 0 or 1 greedy tokens generated after the prompt.
+        """
+        self._ensure_open()
+        return await self._call("prompt_logprobs", list(token_ids), top, max_tokens)
 
     def shutdown(self) -> None:
         """Stops the engines (freeing their memory) and the pool's event-loop thread. Idempotent."""

@@ -231,6 +231,16 @@ _ALL = [
         _t5(d_model=128, d_kv=64, d_ff=256, num_layers=2, num_decoder_layers=2, num_heads=2),
         description="~0.6M-parameter byte-level T5 (ByT5 tokenizer) for tests",
     ),
+    # The shipped byte-level model's architecture (hubkit/ko-nsmc-byt5). ByT5's 3:1 encoder:decoder depth
+    # (bytes need a deep encoder; the decoder only writes short spans), 3 heads of 64 so that d_model =
+    # heads x d_kv as in ByT5. ~3.9M parameters: ~7.8 MB in bf16, under the 10 MB asset budget, and
+    # ~3,000 input bytes/s of training on one busy CPU core.
+    Preset(
+        "t5-byte-small",
+        "t5",
+        _t5(d_model=192, d_kv=64, d_ff=512, num_layers=6, num_decoder_layers=2, num_heads=3),
+        description="~3.9M-parameter byte-level T5 (6+2 layers): the shipped hubkit/ko-nsmc-byt5",
+    ),
 ]
 
 #: Every preset by name, in listing order (full-size first).
@@ -314,13 +324,43 @@ def build_model(
     import torch
 
     config = build_config(name, vocab_size=vocab_size, **overrides)
-    cls = _model_class(get_preset(name).family)
+    preset = get_preset(name)
+    cls = _model_class(preset.family)
+    untie = (
+        preset.family == "t5"
+        and overrides.get("tie_word_embeddings", preset.hyperparameters.get("tie_word_embeddings", True))
+        is False
+    )
     if meta:
         # Every parameter is created on the meta device: a 6B model costs no memory and builds in seconds.
         with torch.device("meta"):
-            return cls(config)
+            model = cls(config)
+            return untie_t5_head(model) if untie else model
     torch.manual_seed(seed)
-    return cls(config)
+    model = cls(config)
+    return untie_t5_head(model) if untie else model
+
+
+def untie_t5_head(model: PreTrainedModel) -> PreTrainedModel:
+    """Gives a T5 its own LM head, as ByT5 / T5 v1.1 (and KEByT5) checkpoints have.
+
+    transformers 5 builds every T5 with the head tied to the input embedding (``tie_word_embeddings=False``
+    only turns off the output scaling that tying needs), while those checkpoints load untied because they
+    hold both matrices. The new head is drawn from N(0, d_model^-0.5), fan-in scaling: transformers' N(0, 1)
+    for untied heads makes the first logits ~sqrt(d_model) wide (a first loss of 117 instead of ~6.4 on
+    t5-byte-small).
+    """
+    import torch
+
+    shared = model.get_input_embeddings().weight
+    head = torch.empty_like(shared)
+    if not head.is_meta:
+        with torch.no_grad():
+            head.normal_(0.0, model.config.d_model**-0.5)
+    model.lm_head.weight = torch.nn.Parameter(head)
+    model.config.tie_word_embeddings = False  # saved in config.json, so every loader keeps them apart
+    getattr(model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)  # save_pretrained stores it
+    return model
 
 
 def count_parameters(name_or_model: str | torch.nn.Module) -> int:

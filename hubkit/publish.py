@@ -11,14 +11,25 @@ when a dtype is asked, e.g. a float16 copy for a ``KoGPT6B-ryan1.5b-float16``-st
 every file and deletes the revision's stale ones (so the revision mirrors the folder), then ``create_tag``.
 A failure after a repo or branch was created removes it again, so the remote is left as it was, and the
 error is one line without the token.
+
+A Space whose ``requirements.txt`` names ``hubkit`` (not on PyPI) gets hubkit's own wheel in its commit
+(``wheels/hubkit-*.whl``, built from the checkout hubkit runs from, or ``$HUBKIT_WHEEL``), and that line
+becomes ``hubkit @ <the Space's URL of the wheel>``: the Hub's builder installs ``requirements.txt`` before
+it copies the rest of the repo, so a relative path would not be found there, while the URL is. (A private
+Space's files need a token, which the builder's pip does not have: publish such a Space public, or host
+the wheel where the builder can fetch it.)
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import urllib.error
@@ -38,6 +49,10 @@ DEFAULT_LOCAL_HUB_PORT = 8500
 LOCAL_TOKEN_FILE = "token"
 HF_HUB_URL = "https://huggingface.co"
 DTYPES = ("float32", "bfloat16", "float16")
+#: A prebuilt hubkit wheel for published Spaces (needed when hubkit is not run from a source checkout).
+WHEEL_ENV = "HUBKIT_WHEEL"
+#: Where a Space commit keeps hubkit's wheel.
+SPACE_WHEEL_DIR = "wheels"
 
 # Never uploaded: resumable training state (optimizer moments are 2x the weights) and editor/tool debris.
 _SKIP_DIRS = frozenset({"checkpoints", "__pycache__", ".git", ".cache", ".ipynb_checkpoints"})
@@ -47,6 +62,8 @@ _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{20,}")
 _BEARER = re.compile(r"(?i)bearer\s+\S+")
 
 _STARTED: dict[Path, tuple[str, Any]] = {}  # local hubs this process started: root -> (url, stop)
+_WHEELS: dict[tuple[str, int, int], Path] = {}  # wheels built by this process: source fingerprint -> wheel
+_WHEELS_LOCK = threading.Lock()
 _STARTED_LOCK = threading.Lock()
 _CLIENT_LOCK = threading.RLock()
 
@@ -428,6 +445,117 @@ def _stage(
     return dict(sorted(files.items()))
 
 
+# --------------------------------------------------------------------------------------------- Space wheel
+
+
+def source_root() -> Path | None:
+    """The source checkout hubkit is imported from (with its ``pyproject.toml``), or None for an install."""
+    root = Path(__file__).resolve().parent.parent
+    pyproject = root / "pyproject.toml"
+    if pyproject.is_file() and re.search(r'(?m)^name\s*=\s*"hubkit"', pyproject.read_text(encoding="utf-8")):
+        return root
+    return None
+
+
+def build_hubkit_wheel(out_dir: str | os.PathLike[str]) -> Path:
+    """Puts hubkit's wheel (``pip wheel --no-deps``, package data included) into ``out_dir``.
+
+    The wheel is built from a copy of the source checkout hubkit runs from (an in-tree build would leave
+    ``build/`` and ``*.egg-info`` behind), once per process and source state; ``$HUBKIT_WHEEL`` names a
+    prebuilt wheel to use instead.
+
+    Returns:
+        The wheel's path in ``out_dir``.
+
+    Raises:
+        PublishError: no source checkout and no ``$HUBKIT_WHEEL``, or the build failed.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prebuilt = os.environ.get(WHEEL_ENV)
+    if prebuilt:
+        wheel = Path(prebuilt).expanduser()
+        if not (wheel.is_file() and wheel.name.startswith("hubkit-") and wheel.suffix == ".whl"):
+            raise PublishError(
+                f"{WHEEL_ENV}={prebuilt} is not a hubkit-*.whl file; build one with `pip wheel --no-deps .` "
+                "in a hubkit checkout"
+            )
+        return Path(shutil.copy2(wheel, out / wheel.name))
+    root = source_root()
+    if root is None:
+        raise PublishError(
+            "this Space needs hubkit's wheel, but hubkit is not run from a source checkout; set "
+            f"{WHEEL_ENV} to a hubkit-*.whl (`pip wheel --no-deps .` in a checkout)"
+        )
+    sources = [root / "pyproject.toml", root / "README.md", *sorted((root / "hubkit").rglob("*"))]
+    files = [f for f in sources if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"]
+    key = (str(root), len(files), max(f.stat().st_mtime_ns for f in files))
+    with _WHEELS_LOCK:
+        cached = _WHEELS.get(key)
+        if cached is None or not cached.is_file():
+            work = Path(tempfile.mkdtemp(prefix="hubkit-wheel-"))
+            atexit.register(shutil.rmtree, work, ignore_errors=True)
+            cached = _build_wheel(root, work)
+            _WHEELS[key] = cached
+    return Path(shutil.copy2(cached, out / cached.name))
+
+
+def _build_wheel(root: Path, work: Path) -> Path:
+    src = work / "src"
+    shutil.copytree(root / "hubkit", src / "hubkit", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(root / name, src / name)
+    # No build isolation: the build backend (setuptools) comes from this environment, not from an index.
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-cache-dir",
+               "--quiet", "--wheel-dir", str(work / "dist"), str(src)]  # fmt: skip
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    wheels = sorted((work / "dist").glob("hubkit-*.whl"))
+    if proc.returncode != 0 or len(wheels) != 1:
+        last = next(
+            (ln for ln in reversed(proc.stderr.strip().splitlines()) if ln.strip()), "no wheel written"
+        )
+        raise PublishError(
+            f"building hubkit's wheel for the Space failed ({last.strip()}); check that setuptools is "
+            f"installed, or set {WHEEL_ENV} to a prebuilt hubkit-*.whl"
+        )
+    return wheels[0]
+
+
+def _names_hubkit(line: str) -> bool:
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    body = re.split(r"\s#", line, maxsplit=1)[0].strip()
+    if not body or body.startswith(("#", "-")):
+        return False
+    try:
+        return canonicalize_name(Requirement(body).name) == "hubkit"
+    except InvalidRequirement:
+        return False
+
+
+def space_requirements(text: str, wheel_url: str) -> str:
+    """``requirements.txt`` with each line naming hubkit turned into ``hubkit @ wheel_url`` (extras and
+    environment markers kept); other lines as they are."""
+    from packaging.requirements import Requirement
+
+    out = []
+    for line in text.splitlines():
+        if _names_hubkit(line):
+            req = Requirement(re.split(r"\s#", line, maxsplit=1)[0].strip())
+            extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
+            line = f"hubkit{extras} @ {wheel_url}" + (f" ; {req.marker}" if req.marker else "")
+        out.append(line)
+    return "\n".join(out) + "\n"
+
+
+def _space_needs_wheel(space: Path) -> bool:
+    requirements = space / "requirements.txt"
+    return requirements.is_file() and any(
+        _names_hubkit(line) for line in requirements.read_text(encoding="utf-8").splitlines()
+    )
+
+
 # --------------------------------------------------------------------------------------------- publish
 
 
@@ -479,7 +607,9 @@ def publish(
     """
     from hubkit.models import resolve_model
 
-    folder = Path(resolve_model(model_dir))
+    given = Path(os.fspath(model_dir)).expanduser()
+    # A PEFT adapter folder (`hubkit tune --method prompt`) has no config.json of its own: it publishes as is.
+    folder = given.resolve() if (given / "adapter_config.json").is_file() else Path(resolve_model(model_dir))
     if not folder.is_dir():
         raise InvalidRequestError(
             f"{model_dir!r} is not a local model folder; publish needs the files on disk"
@@ -523,6 +653,10 @@ def publish(
                 dry_run=True,
             )
         sizes = tuple(p.stat().st_size for p in files.values())
+        # Built before anything is pushed: a build failure must not leave a model without its Space.
+        space_wheel = (
+            build_hubkit_wheel(staging / "wheel") if space is not None and _space_needs_wheel(space) else None
+        )
         message = commit_message or (f"Publish {folder.name} with hubkit" + (f" ({dtype})" if dtype else ""))
         try:
             with client_settings(target):
@@ -530,7 +664,7 @@ def publish(
                 space_url = None
                 if space is not None:
                     sid = space_id or f"{result['repo_id'].split('/')[0]}/{space.name}"
-                    space_url = _push_space(target, space, sid, result["repo_id"], private)
+                    space_url = _push_space(target, space, sid, result["repo_id"], private, wheel=space_wheel)
         except PublishError as exc:
             raise PublishError(redact(str(exc), target.token)) from None
         except Exception as exc:  # the client's errors vary by version; all become one redacted line
@@ -633,8 +767,11 @@ def _rollback(api, repo_id: str, *, delete_repo: bool, branch: str | None, exc: 
         exc.add_note(f"cleanup failed too: {type(cleanup).__name__}")
 
 
-def _push_space(target: HubTarget, space: Path, space_id: str, model_id: str, private: bool) -> str:
-    """The Space folder as a Space repo, in one commit that mirrors it."""
+def _push_space(
+    target: HubTarget, space: Path, space_id: str, model_id: str, private: bool, *, wheel: Path | None = None
+) -> str:
+    """The Space folder as a Space repo, in one commit that mirrors it (plus hubkit's ``wheel``, which its
+    requirements.txt then installs by URL)."""
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
     api = HfApi(endpoint=target.endpoint, token=target.token)
@@ -653,6 +790,16 @@ def _push_space(target: HubTarget, space: Path, space_id: str, model_id: str, pr
         existed = api.repo_exists(space_id, repo_type="space")
         url = api.create_repo(space_id, repo_type="space", space_sdk=sdk, private=private, exist_ok=True)
         try:
+            if wheel is not None:
+                rel = f"{SPACE_WHEEL_DIR}/{wheel.name}"
+                wheel_url = f"{target.endpoint}/spaces/{url.repo_id}/resolve/main/{rel}"
+                requirements = Path(tmp) / "requirements.txt"
+                requirements.write_text(
+                    space_requirements(files["requirements.txt"].read_text(encoding="utf-8"), wheel_url),
+                    encoding="utf-8",
+                )
+                files["requirements.txt"] = requirements
+                files[rel] = wheel
             present = set(api.list_repo_files(url.repo_id, repo_type="space"))
             ops = [
                 CommitOperationAdd(path_in_repo=r, path_or_fileobj=str(p)) for r, p in sorted(files.items())
@@ -710,6 +857,7 @@ __all__ = [
     "HubTarget",
     "PublishError",
     "PublishResult",
+    "build_hubkit_wheel",
     "client_settings",
     "convert_weights",
     "ensure_local_hub",
@@ -717,5 +865,7 @@ __all__ = [
     "publish",
     "redact",
     "resolve_target",
+    "source_root",
+    "space_requirements",
     "stop_local_hubs",
 ]

@@ -46,7 +46,7 @@ class QuickstartResult:
 def run_quickstart(
     *,
     model: str | None = "default",
-    backend: str = "vllm",
+    backend: str = "auto",
     replicas: int = 1,
     address: str | None = None,
     params: SamplingParams | None = None,
@@ -57,7 +57,8 @@ def run_quickstart(
 
     Args:
         model: Model folder, Hub id or "default".
-        backend: "vllm" (default) or "transformers".
+        backend: "auto" (default: vLLM for decoders, transformers for encoder-decoders), "vllm" or
+            "transformers".
         replicas: Number of engine actors.
         address: Ray cluster address; None uses $RAY_ADDRESS or starts a local Ray.
         params: Sampling settings; defaults to temperature 0.8, 48 tokens, a fixed seed.
@@ -73,6 +74,9 @@ def run_quickstart(
     console = Console()
     params = (params or SamplingParams(temperature=0.8, top_p=0.95, max_tokens=48, seed=0)).validate()
     path = resolve_model(model)
+    from hubkit.engine import choose_backend
+
+    backend = choose_backend(path, backend)
     console.print(f"[bold]hubkit quickstart[/bold]: model [cyan]{path}[/cyan], backend {backend}, {replicas} actor(s)")
     t0 = time.perf_counter()
     with EnginePool(path, backend=backend, replicas=replicas, address=address) as pool:

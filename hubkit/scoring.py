@@ -98,6 +98,8 @@ class ScoreConfig:
 
     Attributes:
         model: Model folder, Hub id or "default".
+        adapter: A PEFT prompt-tuning folder the engines apply to ``model`` (``--adapter``; see
+            :mod:`hubkit.adapters`).
         task: Built-in task name, path to a task YAML, or a mapping of task fields.
         data: Data files or folders (NSMC .txt/.tsv, .csv, .jsonl, .parquet).
         out: Run folder to write (and to resume from).
@@ -108,7 +110,8 @@ class ScoreConfig:
         format: Data format when the extension does not say (tsv, csv, jsonl, parquet).
         limit: Score only the first ``limit`` rows.
         split: Name of the data split, for reports and cards (e.g. "test").
-        backend: ``vllm`` or ``transformers``.
+        backend: ``auto`` (transformers for encoder-decoders such as byte-level T5, vLLM otherwise),
+            ``vllm`` or ``transformers``.
         replicas: Engine actors.
         address: Ray cluster address (default: $RAY_ADDRESS, else a local Ray).
         dtype: Engine weights dtype.
@@ -121,6 +124,7 @@ class ScoreConfig:
     """
 
     model: str = "default"
+    adapter: str | None = None
     task: str | Mapping[str, Any] = "nsmc"
     data: tuple[str, ...] = ()
     out: str = ""
@@ -131,7 +135,7 @@ class ScoreConfig:
     format: str | None = None
     limit: int | None = None
     split: str | None = None
-    backend: str = "vllm"
+    backend: str = "auto"
     replicas: int = 1
     address: str | None = None
     dtype: str = "auto"
@@ -143,6 +147,8 @@ class ScoreConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if isinstance(self.adapter, os.PathLike):
+            object.__setattr__(self, "adapter", os.fspath(self.adapter))
         if isinstance(self.data, str | os.PathLike):
             object.__setattr__(self, "data", (os.fspath(self.data),))
         else:
@@ -157,8 +163,10 @@ class ScoreConfig:
             raise DataError("no data given; pass --data FILE (or data: in the job YAML)")
         if not str(self.out):
             raise DataError("no output folder given; pass --out DIR (or out: in the job YAML)")
-        if self.backend not in ("vllm", "transformers"):
-            raise InvalidRequestError(f"unknown backend {self.backend!r}; use 'vllm' or 'transformers'")
+        if self.backend not in ("auto", "vllm", "transformers"):
+            raise InvalidRequestError(
+                f"unknown backend {self.backend!r}; use 'auto', 'vllm' or 'transformers'"
+            )
         for name in ("replicas", "batch_rows"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -270,11 +278,20 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
     columns = {**task.columns, **config.columns}
     model = pool.model if pool is not None else config.model
     backend = pool.backend if pool is not None else config.backend
+    adapter_dir = getattr(pool, "adapter", None) if pool is not None else config.adapter
+    adapter = None
+    if adapter_dir is not None:
+        from hubkit.adapters import load_prompt_adapter
+
+        adapter = load_prompt_adapter(adapter_dir)  # a bad folder fails before Ray starts
     engine_options = {"dtype": config.dtype, **config.engine_options}
     if pool is None:
         from hubkit.models import resolve_model
 
         resolve_model(config.model)  # a bad model fails before Ray starts
+        from hubkit.engine import choose_backend
+
+        backend = choose_backend(config.model, backend)  # "auto" resolved, so the run records the real one
     from hubkit.datasets import list_files, read_rows
 
     out = Path(config.out)
@@ -328,6 +345,8 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
             "columns": columns,
             "format": config.format,
             "limit": config.limit,
+            # Only with an adapter, so that run folders of plain models resume as before.
+            **({"adapter": {"name": adapter.name, "sha256": adapter.sha256}} if adapter is not None else {}),
         }
     )  # as JSON stores it, so a resumed run compares like with like
     _open_run_dir(out, job, overwrite=config.overwrite)
@@ -353,6 +372,7 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
                 address=config.address,
                 engine_options=engine_options,
                 num_cpus=config.num_cpus,
+                adapter=adapter.path if adapter is not None else None,
             )
         assert pool is not None
         length_check = _LengthCheck(model, pool.max_model_len) if task.truncation == "error" else None
@@ -407,6 +427,7 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
             "seed": seed,
             "limit": config.limit,
             "engine_options": _jsonable(engine_options),
+            **({"adapter": adapter.name, "adapter_sha256": adapter.sha256} if adapter is not None else {}),
             "replicas": config.replicas,
             "task": task.to_dict(),
         },

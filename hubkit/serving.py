@@ -13,6 +13,15 @@ Endpoints:
   ``stream_options.include_usage``.
 * ``POST /v1/chat/completions`` — for models whose tokenizer has a chat template (applied with the
   tokenizer); streaming too. A model without a template answers 400.
+* ``POST /v1/completions`` with ``echo: true, logprobs: N`` and ``max_tokens`` 0 or 1 — OpenAI's legacy
+  scoring form, the one lm-evaluation-harness's ``local-completions`` model sends: each choice's
+  ``logprobs`` holds ``tokens``, ``token_logprobs`` (None for the first prompt token), ``top_logprobs`` and
+  ``text_offset`` for the prompt's tokens (plus the greedy next token with ``max_tokens: 1``). The prompt
+  may be text or token ids (a list of ints, or a list of such lists). ``echo`` without ``logprobs``
+  returns the prompt in front of the generated text.
+* ``POST /v1/loglikelihood`` — hubkit's own scoring route, the pool's ``loglikelihood`` verb (lm-eval's
+  definition, the exact fast path): ``{"model", "requests": [{"context", "continuation"}, ...]}`` answers
+  ``{"object": "list", "model", "data": [{"index", "logprob", "is_greedy", "num_tokens"}, ...]}``.
 
 Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for requests a client
 can fix, 404 for an unknown model name, 500 for engine failures. Request bodies are never logged.
@@ -24,6 +33,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -40,8 +50,12 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hubkit.engine import (
+    MAX_TOP_LOGPROBS,
     Completion,
     CompletionChunk,
+    Loglikelihood,
+    LoglikelihoodRequest,
+    PromptLogprobs,
     SamplingParams,
     check_prompt,
     check_prompt_length,
@@ -63,7 +77,11 @@ DEFAULT_CHAT_MAX_TOKENS = 512
 #: request-per-replica models, not for a proxy in front of continuous-batching engines).
 MAX_ONGOING_REQUESTS = 256
 
+#: Most (context, continuation) pairs one ``/v1/loglikelihood`` call takes.
+MAX_LOGLIKELIHOOD_REQUESTS = 4096
+
 # Request fields we accept for compatibility but cannot honour: set to anything but these values -> 400.
+# (/v1/completions declares its own ``echo`` and ``logprobs``; these entries apply to chat.)
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "echo": (None, False),
     "logprobs": (None, False),
@@ -76,7 +94,10 @@ _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tools": (None, []),
     "response_format": (None, {"type": "text"}),
 }
-_PARAM_NAMES = ("prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n")
+_PARAM_NAMES = (
+    "prompt", "messages", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed", "n", "logprobs",
+    "requests",
+)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -110,6 +131,27 @@ class CompletionRequest(_SamplingRequest):
 
     # Checked by hand so token-id prompts get a clear message instead of pydantic's union error.
     prompt: Any = None
+    echo: bool | None = None
+    # Checked by hand: pydantic would turn ``true`` into 1.
+    logprobs: Any = None
+
+
+class LoglikelihoodPair(BaseModel):
+    """One (context, continuation) pair of ``POST /v1/loglikelihood``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    context: str
+    continuation: str
+
+
+class LoglikelihoodBody(BaseModel):
+    """Body of ``POST /v1/loglikelihood``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    requests: list[LoglikelihoodPair]
 
 
 class ChatMessage(BaseModel):
@@ -212,8 +254,8 @@ def build_app(
     """Builds the OpenAI-compatible FastAPI app in front of ``pool``.
 
     Args:
-        pool: An EnginePool (only ``agenerate``, ``astream``, ``info``, ``model`` and ``max_model_len``
-            are used, all from the event loop).
+        pool: An EnginePool (only ``agenerate``, ``astream``, ``aloglikelihood``, ``aprompt_logprobs``,
+            ``info``, ``model`` and ``max_model_len`` are used, all from the event loop).
         served_model_name: The name clients send as ``model`` and see in ``/v1/models``.
         tokenizer: The model's Hugging Face tokenizer; loaded from ``pool.model`` when None.
         aliases: Other accepted ``model`` values (e.g. the model's folder path).
@@ -283,7 +325,7 @@ def build_app(
         # The same tokenizer (and special-token handling) vLLM applies to a text prompt.
         return len(tok(text)["input_ids"])
 
-    def sampling(req: _SamplingRequest, *, max_tokens: int) -> SamplingParams:
+    def check_supported(req: _SamplingRequest) -> None:
         extra = req.model_extra or {}
         for name, allowed in _UNSUPPORTED.items():
             if name in extra and extra[name] not in allowed:
@@ -294,6 +336,9 @@ def build_app(
             raise _APIError(
                 400, f"n={req.n} is not supported; only n=1 (send several requests instead)", param="n"
             )
+
+    def sampling(req: _SamplingRequest, *, max_tokens: int) -> SamplingParams:
+        check_supported(req)
         stop = req.stop if req.stop is not None else ()
         params = SamplingParams(
             temperature=1.0 if req.temperature is None else req.temperature,
@@ -374,10 +419,138 @@ def build_app(
             ],
         }
 
+    def token_text(token_id: int) -> str:
+        return tok.decode([token_id])
+
+    def logprobs_block(result: PromptLogprobs) -> dict[str, Any]:
+        tokens = [token_text(t) for t in result.token_ids]
+        tops: list[dict[str, float] | None] = []
+        for alternatives in result.top_logprobs:
+            if alternatives is None:
+                tops.append(None)
+                continue
+            by_text: dict[str, float] = {}
+            for token_id, logprob in alternatives.items():
+                # Two ids can decode to the same text (say, halves of one Korean syllable both show as
+                # U+FFFD): keep the larger log-prob, so max(values) stays the position's greedy log-prob.
+                text = token_text(token_id)
+                by_text[text] = max(logprob, by_text.get(text, -math.inf))
+            tops.append(by_text)
+        offsets, at = [], 0
+        for text in tokens:
+            offsets.append(at)
+            at += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": list(result.logprobs),
+            "top_logprobs": tops,
+            "text_offset": offsets,
+        }
+
+    async def score_prompts(req: CompletionRequest, model: str) -> dict[str, Any]:
+        """``echo`` + ``logprobs``: the prompts' per-token log-probs (OpenAI's legacy scoring form)."""
+        check_supported(req)
+        top = req.logprobs
+        if isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise _APIError(
+                400,
+                f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}",
+                param="logprobs",
+            )
+        if req.max_tokens not in (0, 1):
+            raise _APIError(
+                400,
+                "max_tokens must be 0 (the prompt only) or 1 when scoring a prompt with echo and logprobs, "
+                f"got {req.max_tokens!r}",
+                param="max_tokens",
+            )
+        if req.max_tokens == 1 and req.temperature not in (None, 0):
+            raise _APIError(
+                400, "the token generated after a scored prompt is greedy; set temperature to 0",
+                param="temperature",
+            )  # fmt: skip
+        if req.stream:
+            raise _APIError(400, "echo with logprobs cannot be streamed; send stream=false", param="stream")
+        prompts = _token_prompts(req.prompt, tok)
+        results: list[PromptLogprobs] = await asyncio.gather(
+            *(pool.aprompt_logprobs(ids, top=top, max_tokens=req.max_tokens) for ids, _ in prompts)
+        )
+        choices = []
+        for i, ((ids, text), result) in enumerate(zip(prompts, results, strict=True)):
+            generated = result.token_ids[result.num_prompt_tokens :]
+            choices.append(
+                {
+                    "index": i,
+                    "text": (text if text is not None else tok.decode(ids)) + tok.decode(list(generated)),
+                    "logprobs": logprobs_block(result),
+                    "finish_reason": "length",
+                }
+            )
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": choices,
+            "usage": usage(sum(len(ids) for ids, _ in prompts), req.max_tokens * len(prompts)),
+        }
+
+    @app.post("/v1/loglikelihood")
+    async def loglikelihood(body: LoglikelihoodBody) -> dict[str, Any]:
+        model = check_model(body.model)
+        if not body.requests:
+            raise _APIError(
+                400, "requests is empty; send at least one {\"context\": ..., \"continuation\": ...}",
+                param="requests",
+            )  # fmt: skip
+        if len(body.requests) > MAX_LOGLIKELIHOOD_REQUESTS:
+            raise _APIError(
+                400,
+                f"requests holds {len(body.requests)} pairs; send at most {MAX_LOGLIKELIHOOD_REQUESTS} per call",
+                param="requests",
+            )
+        results = await pool.aloglikelihood(
+            [LoglikelihoodRequest(r.context, r.continuation) for r in body.requests]
+        )
+        return {
+            "object": "list",
+            "model": model,
+            "data": [
+                {"index": i, "logprob": r.logprob, "is_greedy": r.is_greedy, "num_tokens": r.num_tokens}
+                for i, r in enumerate(results)
+            ],
+        }
+
     @app.post("/v1/completions", response_model=None)
     async def completions(req: CompletionRequest) -> dict[str, Any] | StreamingResponse | JSONResponse:
         model = check_model(req.model)
+        if req.logprobs is not None and req.logprobs is not False:
+            if not req.echo:
+                raise _APIError(
+                    400,
+                    "logprobs is only supported for scoring a prompt: send echo=true with max_tokens 0 or 1 "
+                    "(or drop logprobs to generate)",
+                    param="logprobs",
+                )
+            return await score_prompts(req, model)
+        if req.echo and req.stream:
+            raise _APIError(400, "echo cannot be streamed; send stream=false", param="stream")
         prompts = _prompts(req.prompt)
+        if req.echo and req.max_tokens == 0:
+            # Nothing to generate: the prompt itself is the answer (OpenAI's echo with max_tokens=0).
+            check_supported(req)
+            counts = [count_tokens(p) for p in prompts]
+            return {
+                "id": f"cmpl-{uuid.uuid4().hex}",
+                "object": "text_completion",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [
+                    {"index": i, "text": p, "logprobs": None, "finish_reason": "length"}
+                    for i, p in enumerate(prompts)
+                ],
+                "usage": usage(sum(counts), 0),
+            }
         params = sampling(
             req, max_tokens=DEFAULT_COMPLETION_MAX_TOKENS if req.max_tokens is None else req.max_tokens
         )
@@ -430,7 +603,12 @@ def build_app(
             "created": created,
             "model": model,
             "choices": [
-                {"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                {
+                    "index": i,
+                    "text": (prompts[i] if req.echo else "") + c.text,
+                    "logprobs": None,
+                    "finish_reason": c.finish_reason,
+                }
                 for i, c in enumerate(results)
             ],
             "usage": usage(
@@ -543,6 +721,30 @@ def _prompts(prompt: object) -> list[str]:
     )
 
 
+def _token_prompts(prompt: object, tokenizer: Any) -> list[tuple[list[int], str | None]]:
+    """Prompts to score as (token ids, text or None): text, a list of texts, token ids or lists of them."""
+    if isinstance(prompt, str) or (
+        isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt)
+    ):
+        # Tokenized as vLLM tokenizes a text prompt (the tokenizer's own special tokens).
+        return [(list(tokenizer(p)["input_ids"]), p) for p in _prompts(prompt)]
+
+    def is_ids(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+    if is_ids(prompt) and prompt:
+        return [(list(prompt), None)]  # type: ignore[arg-type]
+    if isinstance(prompt, list) and prompt and all(is_ids(p) and p for p in prompt):
+        return [(list(p), None) for p in prompt]
+    if prompt is None or prompt == [] or prompt == [[]]:
+        raise _APIError(400, "prompt is missing; send the text (or token ids) to score", param="prompt")
+    raise _APIError(
+        400,
+        "prompt must be a string, a list of strings, a list of token ids or a list of such lists",
+        param="prompt",
+    )
+
+
 def _render_chat(tokenizer: Any, messages: Sequence[ChatMessage], served_model_name: str) -> str:
     if not getattr(tokenizer, "chat_template", None):
         raise _APIError(
@@ -639,6 +841,10 @@ class HubkitServer:
         """Generates one completion with the server's pool (for Serve handles, bypassing HTTP)."""
         return await self._pool.agenerate(prompt, params)
 
+    async def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
+        """Scores (context, continuation) pairs with the server's pool (for Serve handles, bypassing HTTP)."""
+        return await self._pool.aloglikelihood(requests)
+
     def __del__(self) -> None:
         pool = self.__dict__.get("_pool")
         if pool is not None:
@@ -691,7 +897,7 @@ def _serve_running() -> bool:
 def serve(
     model: str,
     *,
-    backend: str = "vllm",
+    backend: str = "auto",
     replicas: int = 1,
     address: str | None = None,
     host: str = "127.0.0.1",
@@ -705,7 +911,8 @@ def serve(
 
     Args:
         model: A resolved model folder or Hub id (see :func:`hubkit.models.resolve_model`).
-        backend: Engine backend, "vllm" or "transformers".
+        backend: Engine backend: "auto" (transformers for encoder-decoders such as byte-level T5, vLLM
+            otherwise), "vllm" or "transformers".
         replicas: Number of engine actors behind the one HTTP ingress.
         address: Ray cluster address; None uses $RAY_ADDRESS or starts a local Ray.
         host: Interface the HTTP proxy listens on.
@@ -719,14 +926,16 @@ def serve(
         The base URL, e.g. ``http://127.0.0.1:8000`` (the OpenAI base URL is that plus ``/v1``).
 
     Raises:
-        InvalidRequestError: the port is taken.
+        InvalidRequestError: the port is taken, or the backend cannot run the model (vllm on a T5).
         EngineError: the deployment failed to start (its first error line is in the message).
     """
     import ray
     from ray import serve as ray_serve
 
+    from hubkit.engine import choose_backend
     from hubkit.pool import connect
 
+    backend = choose_backend(model, backend)  # vllm asked for a T5 fails here, before Serve starts
     name = served_model_name or default_served_model_name(model)
     connect(address)
     # On a local Ray the proxy binds here, so a taken port can be reported now instead of as a proxy
@@ -803,6 +1012,8 @@ __all__ = [
     "ChatCompletionRequest",
     "CompletionRequest",
     "HubkitServer",
+    "LoglikelihoodBody",
+    "LoglikelihoodPair",
     "build_app",
     "default_served_model_name",
     "serve",

@@ -1,9 +1,14 @@
-"""``hubkit train-lm``: a byte-level BPE tokenizer and a small GPT-NeoX trained from scratch on Korean text.
+"""``hubkit train-lm``: a byte-level BPE tokenizer and a small GPT-NeoX trained from scratch on Korean text,
+or (``arch="t5-byte"``) a byte-level T5 (ByT5 / KEByT5 shape) trained with T5's span corruption.
 
 The run is a folder. While it trains, ``out/train_log.jsonl`` grows (one JSON row per log interval, plus
 eval rows) and ``out/checkpoints/step-N`` holds everything needed to continue exactly (weights, AdamW and
 scheduler state, RNG state, data position). At the end ``out`` is a standard Hugging Face model folder
 (config.json, model.safetensors, tokenizer files, generation_config.json) plus ``training.json``.
+
+Byte-level T5 follows ByT5: token id = UTF-8 byte + 3 (pad 0, ``</s>`` 1, unk 2), and span-corruption
+sentinels reuse the top byte ids counting down, ``<extra_id_0>`` = 258, ``<extra_id_1>`` = 257, ...
+(bytes 0xFF, 0xFE, ... never occur in UTF-8 text, so a sentinel cannot be mistaken for text).
 
 torch, transformers and tokenizers are imported inside the functions that use them.
 """
@@ -36,6 +41,23 @@ LOG_FILE = "train_log.jsonl"
 TRAINING_FILE = "training.json"
 CHECKPOINTS = "checkpoints"
 
+#: Model families ``train-lm`` trains: decoders on next-token prediction, byte-level T5 on span corruption.
+ARCHS = ("neox", "t5-byte")
+_DEFAULT_PRESET = {"neox": "neox-small", "t5-byte": "t5-byte-small"}
+_DEFAULT_VOCAB_SIZE = 8000  # the BPE vocabulary of --arch neox
+
+#: ByT5's id layout: pad 0, ``</s>`` 1, unk 2, then byte b at id b + 3.
+BYTE_OFFSET = 3
+BYTE_EOS_ID = 1
+BYTE_PAD_ID = 0
+#: ``<extra_id_0>``: byte 0xFF + 3. Sentinel i is ``FIRST_SENTINEL_ID - i`` (ByT5's convention).
+FIRST_SENTINEL_ID = 258
+#: UTF-8 never uses bytes 0xF5-0xFF, so ids 258 down to 248 can be sentinels without ever meaning text.
+#: An example may use at most this many (its spans plus the closing sentinel).
+MAX_SENTINELS = 11
+#: ByT5 pre-trained on 1,024-byte inputs; the shipped tokenizer reports it as its context.
+BYTE_MODEL_MAX_LENGTH = 1024
+
 # Settings a resumed run must share with the run it continues, or it would not continue it exactly.
 _RESUME_MUST_MATCH = (
     "data",
@@ -51,7 +73,12 @@ _RESUME_MUST_MATCH = (
     "weight_decay",
     "grad_clip",
     "min_lr_ratio",
+    "arch",
+    "noise_density",
+    "mean_span_length",
 )
+# What runs saved before a setting existed used (so they still resume).
+_RESUME_DEFAULTS = {"arch": "neox", "noise_density": 0.15, "mean_span_length": 20.0}
 
 
 @dataclass(frozen=True)
@@ -61,12 +88,17 @@ class TrainConfig:
     Attributes:
         data: training text: one document per line, or an NSMC file (``id\\tdocument\\tlabel`` header).
         out: run folder; a Hugging Face model folder at the end.
-        preset: decoder preset from `hubkit.presets` (``gpt_neox`` or ``gptj`` family).
-        vocab_size: BPE vocabulary size (the model gets exactly the tokenizer's length).
+        preset: preset from `hubkit.presets`: a ``gpt_neox`` / ``gptj`` decoder for ``arch="neox"``
+            (default ``neox-small``), a ``t5`` preset for ``arch="t5-byte"`` (default ``t5-byte-small``).
+        vocab_size: BPE vocabulary size (the model gets exactly the tokenizer's length); default 8,000.
+            Byte-level T5 has a fixed vocabulary (the preset's 384 rows), so leave it unset there.
         steps: optimizer steps.
         batch_size: sequences per step.
-        seq_len: tokens per sequence (documents are packed, joined by ``<|endoftext|>``).
-        lr: peak learning rate (AdamW).
+        seq_len: tokens per sequence (documents are packed, joined by ``<|endoftext|>``). For
+            ``t5-byte``: encoder input bytes per example after corruption (documents are packed,
+            joined by a newline; see `span_plan` for the raw and target lengths).
+        lr: peak learning rate: AdamW's for ``neox`` (default 1e-3); Adafactor's for ``t5-byte`` (default
+            1e-2, T5's), whose steps are relative to each matrix's scale.
         warmup: linear warmup steps before the cosine decay.
         checkpoint_every: save a resumable checkpoint every N steps (0: only at the end).
         eval_data: held-out documents (same formats as ``data``) for perplexity.
@@ -74,7 +106,8 @@ class TrainConfig:
         dtype: dtype of the saved weights: float32, bfloat16 or float16.
         seed: seed of weights init and data order.
         resume: continue from the newest checkpoint in ``out``.
-        weight_decay: AdamW weight decay on matrices (not on biases and LayerNorms).
+        weight_decay: AdamW weight decay on matrices (not on biases and LayerNorms); ``neox`` only (T5
+            pre-trains without it).
         grad_clip: clip the global gradient norm to this.
         min_lr_ratio: the cosine decays to ``lr * min_lr_ratio``.
         log_every: steps per ``train_log.jsonl`` row (each row averages the loss over them).
@@ -85,16 +118,22 @@ class TrainConfig:
             as fast on CPUs with native bf16 (AVX512-BF16/AMX); default: on exactly when the CPU has it.
         stop_after: end this invocation after this step without finishing, as an interruption would;
             continue later with ``resume=True`` (used to time-box runs and to test resuming).
+        arch: ``"neox"`` (a decoder on next-token prediction) or ``"t5-byte"`` (a byte-level T5 on
+            span corruption, ByT5's recipe).
+        noise_density: ``t5-byte``: fraction of bytes masked (T5 and ByT5: 0.15).
+        mean_span_length: ``t5-byte``: mean masked span in bytes. 20, as ByT5 chose for bytes: T5's
+            3-token spans are ~3 words, while 3 bytes is one Hangul syllable (3 UTF-8 bytes), which the
+            rest of its word nearly gives away; 20 bytes is ~6 syllables, one or two Korean words.
     """
 
     data: Path
     out: Path
-    preset: str = "neox-small"
-    vocab_size: int = 8000
+    preset: str | None = None
+    vocab_size: int | None = None
     steps: int = 2000
     batch_size: int = 32
     seq_len: int = 128
-    lr: float = 1e-3
+    lr: float | None = None
     warmup: int = 100
     checkpoint_every: int = 500
     eval_data: Path | None = None
@@ -111,6 +150,24 @@ class TrainConfig:
     threads: int | None = None
     autocast: bool | None = None
     stop_after: int | None = None
+    arch: str = "neox"
+    noise_density: float = 0.15
+    mean_span_length: float = 20.0
+
+    def __post_init__(self) -> None:
+        # Defaults that depend on the architecture: filled here so the fields always hold real values.
+        if self.preset is None:
+            object.__setattr__(self, "preset", _DEFAULT_PRESET.get(self.arch, _DEFAULT_PRESET["neox"]))
+        if self.lr is None:
+            object.__setattr__(self, "lr", 1e-2 if self.arch == "t5-byte" else 1e-3)
+        if self.vocab_size is None:
+            vocab = _DEFAULT_VOCAB_SIZE
+            if self.arch == "t5-byte":
+                from hubkit.presets import PRESETS
+
+                preset = PRESETS.get(self.preset)
+                vocab = preset.hyperparameters.get("vocab_size", 384) if preset is not None else 384
+            object.__setattr__(self, "vocab_size", vocab)
 
     def validate(self) -> TrainConfig:
         """Checks values a user can get wrong; returns self.
@@ -120,10 +177,15 @@ class TrainConfig:
         """
         from hubkit.presets import get_preset
 
+        if self.arch not in ARCHS:
+            raise InvalidRequestError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
         preset = get_preset(self.preset)
+        if self.arch == "t5-byte":
+            return self._validate_t5(preset)
         if preset.family not in ("gpt_neox", "gptj"):
             raise InvalidRequestError(
-                f"train-lm trains decoder presets; {self.preset!r} is {preset.family}: pick e.g. neox-small"
+                f"train-lm trains decoder presets with --arch neox; {self.preset!r} is {preset.family}: "
+                "pick e.g. neox-small, or pass --arch t5-byte for a t5 preset"
             )
         for name in ("vocab_size", "steps", "batch_size", "seq_len", "log_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
@@ -145,6 +207,54 @@ class TrainConfig:
         )
         if self.seq_len > max_pos:
             raise InvalidRequestError(f"--seq-len {self.seq_len} exceeds {self.preset}'s {max_pos} positions")
+        if self.max_docs is not None and self.max_docs < 1:
+            raise InvalidRequestError(f"--max-docs must be at least 1, got {self.max_docs}")
+        return self
+
+    def _validate_t5(self, preset: Any) -> TrainConfig:
+        if preset.family != "t5":
+            raise InvalidRequestError(
+                f"--arch t5-byte trains t5 presets; {self.preset!r} is {preset.family}: pick e.g. t5-byte-small"
+            )
+        rows = preset.hyperparameters.get("vocab_size", 384)
+        if self.vocab_size != rows:
+            raise InvalidRequestError(
+                f"byte-level T5 has a fixed vocabulary ({rows} ids: 3 specials + 256 bytes + spare rows); "
+                f"drop --vocab-size {self.vocab_size}"
+            )
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(
+                    f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}"
+                )
+        if self.seq_len < 8:
+            raise InvalidRequestError(
+                f"--seq-len must be at least 8 bytes for span corruption, got {self.seq_len}"
+            )
+        if not 0 < self.noise_density < 1:
+            raise InvalidRequestError(f"--noise-density must be in (0, 1), got {self.noise_density}")
+        if not self.mean_span_length >= 1:
+            raise InvalidRequestError(
+                f"--mean-span-length must be at least 1 byte, got {self.mean_span_length}"
+            )
+        plan = span_plan(
+            raw_length_for(
+                self.seq_len, noise_density=self.noise_density, mean_span_length=self.mean_span_length
+            ),
+            noise_density=self.noise_density,
+            mean_span_length=self.mean_span_length,
+        )
+        if plan.spans + 1 > MAX_SENTINELS:
+            raise InvalidRequestError(
+                f"--seq-len {self.seq_len} makes {plan.spans} masked spans per example but only "
+                f"{MAX_SENTINELS - 1} sentinels (ids 258..248) are free; lower --seq-len or raise --mean-span-length"
+            )
+        if self.warmup < 0 or self.checkpoint_every < 0:
+            raise InvalidRequestError("--warmup and --checkpoint-every must be 0 or more")
+        if not self.lr > 0:
+            raise InvalidRequestError(f"--lr must be positive, got {self.lr}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise InvalidRequestError(f"--dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.max_docs is not None and self.max_docs < 1:
             raise InvalidRequestError(f"--max-docs must be at least 1, got {self.max_docs}")
         return self
@@ -194,6 +304,8 @@ class TrainResult:
         parameters: model parameters.
         corpus_documents: training documents.
         corpus_tokens: training tokens after packing.
+        eval_metric: what ``eval`` measures: ``"perplexity"`` (next-token, decoders) or
+            ``"span-corruption perplexity"`` (per target byte of held-out masked spans, byte-level T5).
     """
 
     out: Path
@@ -207,6 +319,7 @@ class TrainResult:
     parameters: int
     corpus_documents: int
     corpus_tokens: int
+    eval_metric: str = "perplexity"
 
     @property
     def tokens_per_second(self) -> float:
@@ -227,8 +340,9 @@ class TrainResult:
             f"  final training loss {self.final_loss:.4f}",
         ]
         if self.eval is not None:
+            per = "target byte" if self.eval_metric != "perplexity" else "token"
             lines.append(
-                f"  held-out perplexity {self.eval.perplexity:.2f} per token "
+                f"  held-out {self.eval_metric} {self.eval.perplexity:.2f} per {per} "
                 f"({self.eval.bits_per_byte:.3f} bits/byte) on {self.eval.documents:,} documents"
             )
         return "\n".join(lines)
@@ -373,6 +487,257 @@ class _BatchOrder:
         return [
             int(self._perm(k // self.n_rows)[k % self.n_rows]) for k in range(start, start + self.batch_size)
         ]
+
+
+# --------------------------------------------------------------------------------------------- byte-level T5
+
+
+def sentinel_id(i: int) -> int:
+    """Id of ``<extra_id_{i}>`` in ByT5's convention: 258, 257, ... (the top byte ids, counting down)."""
+    if not 0 <= i < MAX_SENTINELS:
+        raise InvalidRequestError(f"sentinel index must be in 0..{MAX_SENTINELS - 1}, got {i}")
+    return FIRST_SENTINEL_ID - i
+
+
+def byte_tokenizer(*, model_max_length: int = BYTE_MODEL_MAX_LENGTH) -> Any:
+    """ByT5's tokenizer (id = UTF-8 byte + 3) with ``<extra_id_N>`` bound to ByT5's sentinel ids.
+
+    transformers' ``ByT5Tokenizer`` appends its 125 ``<extra_id_N>`` tokens after the bytes (259, 260, ...),
+    which is not where ByT5 (or KEByT5) pre-training put them: its sentinels are the top byte ids
+    counting down from 258. This tokenizer maps ``<extra_id_0>`` .. ``<extra_id_10>`` to 258 .. 248 (bytes
+    0xFF .. 0xF5, which UTF-8 text never contains), so a prompt like ``"배우들 <extra_id_0> 좋았다"`` gives
+    the model the id it was trained with, and generated sentinels decode back to their names. They are
+    plain (not special) added tokens: decoding with ``skip_special_tokens=True`` keeps them, so a filled
+    span shows which mask it fills.
+    """
+    from transformers import AddedToken, ByT5Tokenizer
+
+    sentinels = {
+        sentinel_id(i): AddedToken(f"<extra_id_{i}>", special=False, normalized=False)
+        for i in range(MAX_SENTINELS)
+    }
+    return ByT5Tokenizer(extra_ids=0, added_tokens_decoder=sentinels, model_max_length=model_max_length)
+
+
+@dataclass(frozen=True)
+class SpanPlan:
+    """Lengths of one span-corruption example (T5's ``random_spans_helper`` arithmetic).
+
+    Attributes:
+        raw_length: bytes of original text in the example.
+        noise_tokens: bytes masked (``round(raw_length * noise_density)``, at least 1).
+        spans: masked spans (``round(noise_tokens / mean_span_length)``, at least 1).
+    """
+
+    raw_length: int
+    noise_tokens: int
+    spans: int
+
+    @property
+    def inputs_length(self) -> int:
+        """Encoder input: kept bytes, one sentinel per span, ``</s>``."""
+        return self.raw_length - self.noise_tokens + self.spans + 1
+
+    @property
+    def targets_length(self) -> int:
+        """Decoder target: a sentinel before each span, the span bytes, a closing sentinel, ``</s>``."""
+        return self.noise_tokens + self.spans + 2
+
+
+def span_plan(raw_length: int, *, noise_density: float = 0.15, mean_span_length: float = 20.0) -> SpanPlan:
+    """How many bytes and spans of a ``raw_length``-byte text span corruption masks."""
+    if raw_length < 1:
+        raise DataError("span corruption needs at least one byte of text")
+    noise = min(max(round(raw_length * noise_density), 1), raw_length)
+    # Kept text separates spans, so n spans need n - 1 kept bytes between them.
+    spans = min(max(round(noise / mean_span_length), 1), noise, raw_length - noise + 1)
+    return SpanPlan(raw_length=raw_length, noise_tokens=noise, spans=spans)
+
+
+def raw_length_for(inputs_length: int, *, noise_density: float = 0.15, mean_span_length: float = 20.0) -> int:
+    """The longest raw text whose corrupted input (with ``</s>``) is at most ``inputs_length`` ids."""
+    raw = max(inputs_length - 1, 1)  # always fits: spans <= noise, so inputs <= raw + 1
+    while (
+        span_plan(raw + 1, noise_density=noise_density, mean_span_length=mean_span_length).inputs_length
+        <= inputs_length
+    ):
+        raw += 1
+    return raw
+
+
+def _random_segmentation(total: int, parts: int, rng: random.Random) -> list[int]:
+    """``parts`` positive lengths summing to ``total``, uniformly over all such splits."""
+    cuts = sorted(rng.sample(range(1, total), parts - 1))
+    edges = [0, *cuts, total]
+    return [b - a for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def span_corrupt(
+    ids: Sequence[int],
+    *,
+    rng: random.Random,
+    noise_density: float = 0.15,
+    mean_span_length: float = 20.0,
+) -> tuple[list[int], list[int]]:
+    """T5's span corruption of one byte-id sequence, with ByT5's sentinels.
+
+    ``span_plan`` fixes how many bytes and spans are masked; where the spans fall and how long each is
+    are drawn from ``rng``. Unlike T5, whose text always ends in a masked span, the kept stretches
+    before the first and after the last span may be empty or not, so a mask can sit anywhere, as in a
+    user's ``"배우들 <extra_id_0> 좋았다"``.
+
+    Args:
+        ids: byte ids (byte + 3) of the raw text, no ``</s>``.
+        rng: randomness (seed it for reproducible examples).
+        noise_density: fraction of bytes masked.
+        mean_span_length: mean masked span in bytes.
+
+    Returns:
+        (inputs, targets): the text with each span replaced by its sentinel, then ``</s>``; and each
+        sentinel followed by the bytes it hides, a closing sentinel, then ``</s>``. Lengths are
+        `SpanPlan.inputs_length` and `SpanPlan.targets_length`.
+
+    Example:
+        "배우들 연기가 좋았다" -> inputs "배우들 <extra_id_0> 좋았다</s>", targets
+        "<extra_id_0>연기가<extra_id_1></s>" (as ids: 258 ... 257, 1).
+    """
+    plan = span_plan(len(ids), noise_density=noise_density, mean_span_length=mean_span_length)
+    n = plan.spans
+    if n + 1 > MAX_SENTINELS:
+        raise InvalidRequestError(
+            f"{len(ids)} bytes make {n} spans but only {MAX_SENTINELS - 1} sentinels are free; "
+            "corrupt shorter texts or raise mean_span_length"
+        )
+    noise = _random_segmentation(plan.noise_tokens, n, rng)
+    # n + 1 kept stretches around the spans; the inner ones non-empty, the outer two possibly empty.
+    keep = _random_segmentation(len(ids) - plan.noise_tokens + 2, n + 1, rng)
+    keep[0] -= 1
+    keep[-1] -= 1
+    inputs: list[int] = []
+    targets: list[int] = []
+    pos = 0
+    for i in range(n):
+        inputs.extend(ids[pos : pos + keep[i]])
+        pos += keep[i]
+        inputs.append(FIRST_SENTINEL_ID - i)
+        targets.append(FIRST_SENTINEL_ID - i)
+        targets.extend(ids[pos : pos + noise[i]])
+        pos += noise[i]
+    inputs.extend(ids[pos:])
+    inputs.append(BYTE_EOS_ID)
+    targets.extend((FIRST_SENTINEL_ID - n, BYTE_EOS_ID))
+    return inputs, targets
+
+
+def pack_bytes(docs: Sequence[str], *, raw_length: int) -> list[bytes]:
+    """Joins documents with newlines as UTF-8 and cuts the stream into ``raw_length``-byte examples.
+
+    Raises:
+        DataError: fewer bytes than one example.
+    """
+    stream = "\n".join(docs).encode("utf-8")
+    n = len(stream) // raw_length
+    if n < 1:
+        raise DataError(
+            f"the corpus has only {len(stream)} bytes, less than one {raw_length}-byte example: "
+            "add text or lower --seq-len"
+        )
+    return [stream[i * raw_length : (i + 1) * raw_length] for i in range(n)]
+
+
+class _SpanBatches:
+    """Span-corrupted batches of byte examples: a pure function of the step, like `_BatchOrder`."""
+
+    def __init__(self, examples: list[bytes], order: _BatchOrder, config: TrainConfig) -> None:
+        self.examples, self.order, self.config = examples, order, config
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        # Its own seeded stream per step (not the global RNG): a resumed run masks exactly the same bytes.
+        rng = random.Random(self.config.seed * 1_000_003 + step)
+        pairs = [
+            span_corrupt(
+                [b + BYTE_OFFSET for b in self.examples[row]],
+                rng=rng,
+                noise_density=self.config.noise_density,
+                mean_span_length=self.config.mean_span_length,
+            )
+            for row in self.order.rows(step)
+        ]
+        # Every example has the same raw length, so every input and target has the same length too.
+        return torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])
+
+
+def heldout_span_loss(
+    model: PreTrainedModel,
+    docs: Sequence[str],
+    *,
+    max_bytes: int,
+    noise_density: float = 0.15,
+    mean_span_length: float = 20.0,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> Perplexity:
+    """Span-corruption loss of a byte-level T5 on held-out documents, each corrupted on its own.
+
+    Document i (its first ``max_bytes`` UTF-8 bytes) is masked with ``random.Random(seed + i)``, so the
+    same documents give the same examples in every run. Every target id counts: sentinels, span bytes
+    and ``</s>``.
+
+    Returns:
+        ``perplexity`` = exp(nll / target ids), ``tokens`` = target ids, and ``bits_per_byte`` = nll in
+        bits per target id (each is one byte or one marker).
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if not docs:
+        raise DataError("no held-out documents to score: pass a non-empty --eval-data file")
+    pairs = [
+        span_corrupt(
+            [b + BYTE_OFFSET for b in doc.encode("utf-8")[:max_bytes]],
+            rng=random.Random(seed + i),
+            noise_density=noise_density,
+            mean_span_length=mean_span_length,
+        )
+        for i, doc in enumerate(docs)
+    ]
+    order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]))  # similar lengths: less padding
+    was_training = model.training
+    model.eval()
+    nll, count = 0.0, 0
+    try:
+        with torch.no_grad():
+            for start in range(0, len(order), batch_size):
+                batch = [pairs[i] for i in order[start : start + batch_size]]
+                width = max(len(p[0]) for p in batch)
+                twidth = max(len(p[1]) for p in batch)
+                ids = torch.full((len(batch), width), BYTE_PAD_ID, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                labels = torch.full((len(batch), twidth), -100, dtype=torch.long)
+                for row, (inp, tgt) in enumerate(batch):
+                    ids[row, : len(inp)] = torch.tensor(inp)
+                    mask[row, : len(inp)] = 1
+                    labels[row, : len(tgt)] = torch.tensor(tgt)
+                # -100 labels become pad in the decoder input (T5 shifts labels right itself).
+                logits = model(input_ids=ids, attention_mask=mask, labels=labels).logits.float()
+                nll += F.cross_entropy(
+                    logits.reshape(-1, logits.size(-1)),
+                    labels.reshape(-1),
+                    ignore_index=-100,
+                    reduction="sum",
+                ).item()
+                count += int((labels != -100).sum())
+    finally:
+        model.train(was_training)
+    return Perplexity(
+        perplexity=math.exp(nll / count),
+        nll=nll,
+        tokens=count,
+        documents=len(docs),
+        bits_per_byte=nll / math.log(2) / count,
+    )
 
 
 # --------------------------------------------------------------------------------------------- eval
@@ -548,7 +913,7 @@ def _save_checkpoint(
 def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
     now = config.to_json()
     for key in _RESUME_MUST_MATCH:
-        if saved.get(key) != now[key]:
+        if saved.get(key, _RESUME_DEFAULTS.get(key)) != now[key]:
             flag = "--" + key.replace("_", "-")
             raise InvalidRequestError(
                 f"cannot resume: {flag} was {saved.get(key)!r} in the checkpointed run, now {now[key]!r}; "
@@ -557,7 +922,8 @@ def _check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 
 
 def train_lm(config: TrainConfig) -> TrainResult:
-    """Trains a tokenizer and a decoder from a preset; see the module docstring for the run folder.
+    """Trains a tokenizer and a decoder from a preset, or a byte-level T5 (``arch="t5-byte"``) with span
+    corruption; see the module docstring for the run folder.
 
     Args:
         config: the run; with ``resume=True`` it continues the newest checkpoint in ``config.out``.
@@ -598,40 +964,67 @@ def train_lm(config: TrainConfig) -> TrainResult:
     threads = config.threads or default_threads()
     torch.set_num_threads(threads)
     try:
-        if config.resume:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+        spans: _SpanBatches | None = None
+        if config.arch == "t5-byte":
+            tokenizer = byte_tokenizer()  # fixed, nothing to train; saved now so the run folder has it
+            if not config.resume:
+                tokenizer.save_pretrained(out)
+            raw_length = raw_length_for(
+                config.seq_len, noise_density=config.noise_density, mean_span_length=config.mean_span_length
+            )
+            examples = pack_bytes(docs, raw_length=raw_length)
+            corpus_tokens = len(examples) * raw_length
+            order = _BatchOrder(len(examples), batch_size=config.batch_size, seed=config.seed)
+            spans = _SpanBatches(examples, order, config)
+            tokens_per_step = config.batch_size * raw_length  # text bytes consumed per step
+            # T5 v1.1 and ByT5 pre-train without dropout; the saved config gets 0.1 back for fine-tuning.
+            model = build_model(config.preset, seed=config.seed, dropout_rate=0.0)
         else:
-            tokenizer = train_tokenizer(docs, vocab_size=config.vocab_size)
-            # Saved before training so a resumed run reuses exactly these ids.
-            tokenizer.save_pretrained(out)
-        eos = tokenizer.eos_token_id
-        encoded = tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
-        rows = pack_documents([e.ids for e in encoded], eos_id=eos, seq_len=config.seq_len)
-        del encoded
-        corpus_tokens = rows.numel() - rows.size(0)  # every token once (rows overlap by one)
-        order = _BatchOrder(rows.size(0), batch_size=config.batch_size, seed=config.seed)
-
-        model = build_model(
-            config.preset,
-            vocab_size=len(tokenizer),
-            seed=config.seed,
-            bos_token_id=eos,
-            eos_token_id=eos,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+            if config.resume:
+                tokenizer = PreTrainedTokenizerFast.from_pretrained(out)
+            else:
+                tokenizer = train_tokenizer(docs, vocab_size=config.vocab_size)
+                # Saved before training so a resumed run reuses exactly these ids.
+                tokenizer.save_pretrained(out)
+            eos = tokenizer.eos_token_id
+            encoded = tokenizer.backend_tokenizer.encode_batch(docs, add_special_tokens=False)
+            rows = pack_documents([e.ids for e in encoded], eos_id=eos, seq_len=config.seq_len)
+            del encoded
+            corpus_tokens = rows.numel() - rows.size(0)  # every token once (rows overlap by one)
+            order = _BatchOrder(rows.size(0), batch_size=config.batch_size, seed=config.seed)
+            tokens_per_step = config.batch_size * config.seq_len
+            model = build_model(
+                config.preset,
+                vocab_size=len(tokenizer),
+                seed=config.seed,
+                bos_token_id=eos,
+                eos_token_id=eos,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         model.train()
         n_params = count_parameters(model)
-        decay = [p for p in model.parameters() if p.ndim >= 2]
-        no_decay = [p for p in model.parameters() if p.ndim < 2]
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": config.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=config.lr,
-            betas=(0.9, 0.95),
-            eps=1e-8,
-        )
+        if spans is not None:
+            from transformers.optimization import Adafactor
+
+            # T5 and ByT5 pre-trained with Adafactor, and T5's init needs it: its query matrices start ~10x
+            # smaller than the rest, so Adam's equal-sized steps swamp them, while Adafactor's steps are
+            # relative to each matrix's scale (measured on t5-byte-small, 300 steps: loss 2.09 with
+            # Adafactor 1e-2 vs 2.22 / 2.32 with AdamW 5e-4 / 2e-3, which sat on a plateau).
+            optimizer = Adafactor(
+                model.parameters(), lr=config.lr, relative_step=False, scale_parameter=True, warmup_init=False
+            )
+        else:
+            decay = [p for p in model.parameters() if p.ndim >= 2]
+            no_decay = [p for p in model.parameters() if p.ndim < 2]
+            optimizer = torch.optim.AdamW(
+                [
+                    {"params": decay, "weight_decay": config.weight_decay},
+                    {"params": no_decay, "weight_decay": 0.0},
+                ],
+                lr=config.lr,
+                betas=(0.9, 0.95),
+                eps=1e-8,
+            )
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(config))
         state = _State()
         log_path = out / LOG_FILE
@@ -677,17 +1070,25 @@ def train_lm(config: TrainConfig) -> TrainResult:
             mininterval=0.5 if interactive else 30.0,
             desc=f"train {config.preset}",
         )
-        tokens_per_step = config.batch_size * config.seq_len
         use_autocast = cpu_has_native_bf16() if config.autocast is None else config.autocast
         try:
             while state.step < stop:
                 t0 = time.perf_counter()
-                batch = rows[order.rows(state.step)]
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
-                    logits = model(input_ids=batch[:, :-1]).logits
-                loss = torch.nn.functional.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1)
-                )
+                if spans is not None:
+                    inputs, targets = spans.batch(state.step)
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+                        # labels= makes T5 build its decoder input: targets shifted right after pad (0).
+                        logits = model(input_ids=inputs, labels=targets).logits
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1)
+                    )
+                else:
+                    batch = rows[order.rows(state.step)]
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_autocast):
+                        logits = model(input_ids=batch[:, :-1]).logits
+                    loss = torch.nn.functional.cross_entropy(
+                        logits.reshape(-1, logits.size(-1)).float(), batch[:, 1:].reshape(-1)
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -724,12 +1125,10 @@ def train_lm(config: TrainConfig) -> TrainResult:
                     state.recent_losses = list(recent)
                     _save_checkpoint(out, config, state, model, optimizer, scheduler, order)
                     if eval_docs:
-                        ev = heldout_perplexity(
-                            model, tokenizer, eval_docs[: config.eval_docs_during], max_length=config.seq_len
-                        )
+                        ev = _heldout(model, tokenizer, eval_docs[: config.eval_docs_during], config)
                         _append_jsonl(log_path, _eval_row(ev, state))
                         bar.write(
-                            f"step {state.step}: held-out perplexity {ev.perplexity:.2f} "
+                            f"step {state.step}: held-out {_eval_metric(config)} {ev.perplexity:.2f} "
                             f"({ev.documents} docs), checkpoint saved"
                         )
         finally:
@@ -747,6 +1146,7 @@ def train_lm(config: TrainConfig) -> TrainResult:
             parameters=n_params,
             corpus_documents=len(docs),
             corpus_tokens=corpus_tokens,
+            eval_metric=_eval_metric(config),
         )
         if state.step < config.steps:
             # Stopped early on purpose: make sure there is a checkpoint to resume from at this very step.
@@ -757,16 +1157,19 @@ def train_lm(config: TrainConfig) -> TrainResult:
         _save_final(out, model, tokenizer, config)
         ev = None
         if eval_docs:
-            ev = heldout_perplexity(model, tokenizer, eval_docs, max_length=config.seq_len)
+            ev = _heldout(model, tokenizer, eval_docs, config)
             _append_jsonl(log_path, _eval_row(ev, state))
         result = TrainResult(finished=True, eval=ev, **common)
         training = {
             "command": _command_line(),
             "config": config.to_json(),
             "preset": config.preset,
+            "optimizer": type(optimizer).__name__,
             "parameters": n_params,
             "final_loss": final_loss,
-            "heldout": asdict(ev) | {"data": str(config.eval_data)} if ev else None,
+            "heldout": asdict(ev) | {"data": str(config.eval_data), "metric": _eval_metric(config)}
+            if ev
+            else None,
             "steps": state.step,
             "tokens_seen": state.tokens,
             "train_seconds": round(state.elapsed, 1),
@@ -777,22 +1180,62 @@ def train_lm(config: TrainConfig) -> TrainResult:
                 "tokens": corpus_tokens,
                 "epochs": state.tokens / corpus_tokens,
             },
-            "tokenizer": {
-                "type": "byte-level BPE",
-                "vocab_size": len(tokenizer),
-                "eos": EOS_TOKEN,
-                "pad": PAD_TOKEN,
-            },
+            "tokenizer": _tokenizer_info(tokenizer, model, config),
             "threads": threads,
             "autocast_bf16": use_autocast,
             "versions": _versions(),
         }
+        if spans is not None:
+            plan = span_plan(
+                raw_length, noise_density=config.noise_density, mean_span_length=config.mean_span_length
+            )
+            training["objective"] = {
+                "type": "span corruption (T5), ByT5 sentinels",
+                "noise_density": config.noise_density,
+                "mean_span_length": config.mean_span_length,
+                "raw_bytes": plan.raw_length,
+                "masked_bytes": plan.noise_tokens,
+                "spans": plan.spans,
+                "inputs_length": plan.inputs_length,
+                "targets_length": plan.targets_length,
+                "sentinels": [sentinel_id(i) for i in range(plan.spans + 1)],
+            }
         (out / TRAINING_FILE).write_text(
             json.dumps(training, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         return result
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def _eval_metric(config: TrainConfig) -> str:
+    return "span-corruption perplexity" if config.arch == "t5-byte" else "perplexity"
+
+
+def _heldout(model: PreTrainedModel, tokenizer: Any, docs: Sequence[str], config: TrainConfig) -> Perplexity:
+    if config.arch == "t5-byte":
+        return heldout_span_loss(
+            model,
+            docs,
+            max_bytes=raw_length_for(
+                config.seq_len, noise_density=config.noise_density, mean_span_length=config.mean_span_length
+            ),
+            noise_density=config.noise_density,
+            mean_span_length=config.mean_span_length,
+        )
+    return heldout_perplexity(model, tokenizer, docs, max_length=config.seq_len)
+
+
+def _tokenizer_info(tokenizer: Any, model: PreTrainedModel, config: TrainConfig) -> dict[str, Any]:
+    if config.arch == "t5-byte":
+        return {
+            "type": "byte-level (UTF-8 byte + 3)",
+            "vocab_size": int(model.config.vocab_size),
+            "specials": {"pad": BYTE_PAD_ID, "eos": BYTE_EOS_ID, "unk": 2},
+            "sentinels": f"<extra_id_0> = {FIRST_SENTINEL_ID} counting down to "
+            f"<extra_id_{MAX_SENTINELS - 1}> = {sentinel_id(MAX_SENTINELS - 1)}",
+        }
+    return {"type": "byte-level BPE", "vocab_size": len(tokenizer), "eos": EOS_TOKEN, "pad": PAD_TOKEN}
 
 
 def default_threads() -> int:
@@ -843,6 +1286,21 @@ def _save_final(out: Path, model, tokenizer, config: TrainConfig) -> None:
     dtype = getattr(torch, config.dtype)
     model.eval()
     model.to(dtype)
+    if config.arch == "t5-byte":
+        # Greedy by default: span filling has one right answer more often than not.
+        model.generation_config = GenerationConfig(
+            decoder_start_token_id=BYTE_PAD_ID,
+            bos_token_id=None,
+            eos_token_id=BYTE_EOS_ID,
+            pad_token_id=BYTE_PAD_ID,
+            max_new_tokens=64,
+        )
+        model.config.dropout_rate = (
+            0.1  # pre-trained without dropout; ByT5's checkpoints ship 0.1 for fine-tuning
+        )
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.eos_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -540,3 +540,48 @@ def test_loading_by_hub_id_from_an_offline_cache(
         assert run(engine.generate(KOREAN_PROMPTS[1], GREEDY_24)).token_ids == expected.token_ids
     finally:
         engine.shutdown()
+
+
+@pytest.mark.slow
+def test_prompt_logprobs_agree_between_backends_and_with_loglikelihood(vllm_backend, tf_backend) -> None:
+    """The optional echo verb (OpenAI's legacy ``echo`` + ``logprobs``) behind ``hubkit serve``."""
+    from hubkit.backends.transformers import encode_pair
+
+    tok = tf_backend.tokenizer
+    context, continuation = LL_CONTEXTS[2], CHOICES[0]
+    ctx, cont = encode_pair(tok, context, continuation)
+    ids = ctx + cont
+    got = {b.name: run(b.prompt_logprobs(ids, top=3, max_tokens=1)) for b in (vllm_backend, tf_backend)}
+    v, t = got["vllm"], got["transformers"]
+    for r in (v, t):
+        assert r.num_prompt_tokens == len(ids) and list(r.token_ids[: len(ids)]) == ids
+        assert len(r.token_ids) == len(r.logprobs) == len(r.top_logprobs) == len(ids) + 1
+        assert r.logprobs[0] is None and r.top_logprobs[0] is None
+        for token, logprob, top in zip(r.token_ids[1:], r.logprobs[1:], r.top_logprobs[1:], strict=True):
+            assert top[token] == logprob and 3 <= len(top) <= 4 and logprob <= max(top.values())
+        # The extra token is the greedy one: what greedy generation starts with.
+        assert r.logprobs[-1] == max(r.top_logprobs[-1].values())
+    first = run(tf_backend.generate(context + continuation, SamplingParams(temperature=0.0, max_tokens=1)))
+    assert v.token_ids[-1] == t.token_ids[-1] == first.token_ids[0]
+    worst = max(abs(a - b) for a, b in zip(v.logprobs[1:], t.logprobs[1:], strict=True))
+    print(f"\n[parity] prompt log-probs, vllm vs transformers: max |Δ| = {worst:.2e} nats")
+    assert worst < 1e-3
+    # Summed over the continuation: the loglikelihood verb's number.
+    (ll,) = run(tf_backend.loglikelihood([LoglikelihoodRequest(context, continuation)]))
+    for r in (v, t):
+        assert sum(r.logprobs[len(ctx) :][: len(cont)]) == pytest.approx(ll.logprob, abs=1e-3)
+    assert len(run(vllm_backend.prompt_logprobs(ids, top=0, max_tokens=0)).token_ids) == len(ids)
+
+    for bad, message in [
+        ({"token_ids": [1, 10**7]}, "out of this model's vocabulary"),
+        ({"token_ids": []}, "non-empty list"),
+        ({"token_ids": ids, "top": 21}, "from 0 to 20"),
+        ({"token_ids": ids, "max_tokens": 2}, "max_tokens must be 0 or 1"),
+        ({"token_ids": [5] * tf_backend.max_model_len}, "shorten the prompt"),
+    ]:
+        for backend in (vllm_backend, tf_backend):
+            with pytest.raises(InvalidRequestError, match=message):
+                run(backend.prompt_logprobs(**bad))
+    assert run(vllm_backend.prompt_logprobs(ids, top=1)).logprobs[1:] == pytest.approx(
+        v.logprobs[1:-1], abs=1e-5
+    )

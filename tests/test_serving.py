@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -302,3 +303,254 @@ def test_cli_serve_answers_then_stops_on_ctrl_c(cli_server: CliServer, client: o
     assert "Traceback" not in log
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{cli_server.url}/health", timeout=5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Log-likelihoods over HTTP: hubkit's /v1/loglikelihood, OpenAI's legacy echo form (lm-eval's
+# local-completions), and the sentiment Space scoring through the server.
+
+PAIRS = [
+    ("문장: 정말 재미있고 감동적인 영화였어요 긍부정:", " 긍정"),
+    ("문장: 정말 재미있고 감동적인 영화였어요 긍부정:", " 부정"),
+    ("이 영화 정말", " 지루하고 뻔하다"),
+    ("배우들 연기가 ", "좋았다"),  # trailing space: lm-eval moves it onto the continuation
+    ("", "배우들 연기가 좋았다"),  # empty context: scored after the prefix token
+]
+REVIEWS = ["정말 재미있고 감동적인 영화였어요", "시간 낭비였다 너무 지루하다", "배우들 연기가 좋았다"]
+
+
+def _pool_loglikelihood(pairs: list[tuple[str, str]]) -> list[Any]:
+    """The server's own pool, called through a Serve handle instead of HTTP."""
+    from ray import serve as ray_serve
+
+    from hubkit.engine import LoglikelihoodRequest
+    from hubkit.serving import APP_NAME
+
+    requests = [LoglikelihoodRequest(c, k) for c, k in pairs]
+    return ray_serve.get_app_handle(APP_NAME).loglikelihood.remote(requests).result(timeout_s=120)
+
+
+def test_loglikelihood_route_equals_the_pool(server: str) -> None:
+    body = {"model": SERVED, "requests": [{"context": c, "continuation": k} for c, k in PAIRS]}
+    response = httpx.post(f"{server}/v1/loglikelihood", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    out = response.json()
+    assert out["object"] == "list" and out["model"] == SERVED
+    assert [d["index"] for d in out["data"]] == list(range(len(PAIRS)))
+    ref = _pool_loglikelihood(PAIRS)
+    for got, want in zip(out["data"], ref, strict=True):
+        assert got["logprob"] == pytest.approx(want.logprob, abs=1e-5)
+        assert got["is_greedy"] == want.is_greedy and got["num_tokens"] == want.num_tokens > 0
+        assert got["logprob"] < 0
+    # The two choices of one review differ: the route scores what it was sent, not a cached answer.
+    assert out["data"][0]["logprob"] != out["data"][1]["logprob"]
+
+
+BAD_LOGLIKELIHOOD = [
+    pytest.param({"requests": []}, "requests is empty", id="empty"),
+    pytest.param(
+        {"requests": [{"context": "가", "continuation": ""}]}, "continuation is empty", id="empty-cont"
+    ),
+    pytest.param({"requests": [{"context": "가"}]}, "requests.0.continuation", id="missing-field"),
+    pytest.param({"requests": "가"}, "requests", id="not-a-list"),
+    pytest.param(
+        {"requests": [{"context": "가", "continuation": "가나다라마바사" * 300}]},
+        "continuation is",
+        id="too-long",
+    ),
+    pytest.param(
+        {"requests": [{"context": "가", "continuation": "나", "extra": 1}]}, "extra", id="unknown-key"
+    ),
+]
+
+
+@pytest.mark.parametrize(("body", "message"), BAD_LOGLIKELIHOOD)
+def test_bad_loglikelihood_is_400_and_next_request_works(
+    server: str, client: openai.OpenAI, body: dict[str, Any], message: str
+) -> None:
+    response = httpx.post(f"{server}/v1/loglikelihood", json={"model": SERVED, **body}, timeout=120)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+    assert message in error["message"] and "\n" not in error["message"]
+    assert _still_serves(client)
+
+
+def test_loglikelihood_unknown_model_is_404(server: str) -> None:
+    body = {"model": "gpt-4o", "requests": [{"context": "가", "continuation": "나"}]}
+    response = httpx.post(f"{server}/v1/loglikelihood", json=body, timeout=60)
+    assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def _echo(server: str, **body: Any) -> httpx.Response:
+    return httpx.post(f"{server}/v1/completions", json={"model": SERVED, **body}, timeout=120)
+
+
+def test_echo_form_reports_the_prompt_token_logprobs(server: str, chat_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from hubkit.backends.transformers import encode_pair
+
+    tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    context, continuation = PAIRS[2]
+    ctx, cont = encode_pair(tok, context, continuation)
+    ids = ctx + cont
+    # Token ids, max_tokens=0: OpenAI's legacy scoring request (echo the prompt, generate nothing).
+    out = _echo(server, prompt=ids, echo=True, max_tokens=0, logprobs=1, temperature=0)
+    assert out.status_code == 200, out.text
+    (choice,) = out.json()["choices"]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids)
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert all(x < 0 for x in lp["token_logprobs"][1:])
+    assert choice["text"] == tok.decode(ids)
+    assert out.json()["usage"] == {
+        "prompt_tokens": len(ids),
+        "completion_tokens": 0,
+        "total_tokens": len(ids),
+    }
+    # The continuation's tokens sum to what the loglikelihood verb says, and their greediness agrees.
+    (ref,) = _pool_loglikelihood([PAIRS[2]])
+    scored = lp["token_logprobs"][len(ctx) :]
+    assert sum(scored) == pytest.approx(ref.logprob, abs=1e-3)
+    tops = lp["top_logprobs"][len(ctx) :]
+    greedy = all(t == pytest.approx(max(top.values()), abs=1e-6) for t, top in zip(scored, tops, strict=True))
+    assert greedy == ref.is_greedy
+
+    # Text prompts (a batch of two), max_tokens=1 (lm-eval's form): the prompt's tokens plus one greedy token.
+    prompts = [context + continuation, PROMPT]
+    out = _echo(server, prompt=prompts, echo=True, max_tokens=1, logprobs=5, temperature=0, seed=1234)
+    assert out.status_code == 200, out.text
+    choices = out.json()["choices"]
+    assert [c["index"] for c in choices] == [0, 1]
+    for text, c in zip(prompts, choices, strict=True):
+        n_prompt = len(tok(text)["input_ids"])
+        assert len(c["logprobs"]["token_logprobs"]) == n_prompt + 1
+        assert all(len(top) >= 1 for top in c["logprobs"]["top_logprobs"][1:])
+        # The extra token is the greedy next token: its log-prob is the largest at its position.
+        assert c["logprobs"]["token_logprobs"][-1] == max(c["logprobs"]["top_logprobs"][-1].values())
+        assert c["text"].startswith(text) and len(c["text"]) > len(text)
+    # The same tokens scored as text in a batch or as ids alone: the same numbers.
+    assert choices[0]["logprobs"]["token_logprobs"][1 : len(ids)] == pytest.approx(
+        lp["token_logprobs"][1:], abs=1e-5
+    )
+
+    # echo without logprobs and nothing to generate: the prompt itself.
+    plain = _echo(server, prompt=PROMPT, echo=True, max_tokens=0)
+    assert plain.status_code == 200 and plain.json()["choices"][0]["text"] == PROMPT
+
+
+BAD_ECHO = [
+    pytest.param(
+        {"logprobs": 1, "max_tokens": 0}, "only supported for scoring a prompt", id="logprobs-no-echo"
+    ),
+    pytest.param({"echo": True, "logprobs": 1, "max_tokens": 5}, "max_tokens must be 0", id="max-tokens-5"),
+    pytest.param({"echo": True, "logprobs": 1}, "max_tokens must be 0", id="max-tokens-default"),
+    pytest.param({"echo": True, "logprobs": 21, "max_tokens": 0}, "from 0 to 20", id="logprobs-21"),
+    pytest.param({"echo": True, "logprobs": True, "max_tokens": 0}, "from 0 to 20", id="logprobs-bool"),
+    pytest.param(
+        {"echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0.8}, "temperature", id="sampled"
+    ),
+    pytest.param({"echo": True, "logprobs": 1, "max_tokens": 0, "stream": True}, "stream", id="stream"),
+    pytest.param(
+        {"echo": True, "logprobs": 1, "max_tokens": 0, "prompt": [5, 10**7]},
+        "out of this model's vocab",
+        id="token-out-of-vocab",
+    ),  # fmt: skip
+    pytest.param(
+        {"echo": True, "logprobs": 1, "max_tokens": 0, "prompt": [5] * 600},
+        "shorten the prompt",
+        id="prompt-too-long",
+    ),  # fmt: skip
+    pytest.param(
+        {"echo": True, "logprobs": 1, "max_tokens": 0, "prompt": [[5, 6], "가"]},
+        "prompt must be",
+        id="mixed-prompt",
+    ),  # fmt: skip
+    pytest.param({"echo": True, "logprobs": 1, "max_tokens": 0, "prompt": ""}, "prompt is empty", id="empty"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), BAD_ECHO)
+def test_bad_echo_request_is_400_and_next_request_works(
+    server: str, client: openai.OpenAI, overrides: dict[str, Any], message: str
+) -> None:
+    response = _echo(server, **{"prompt": PROMPT, **overrides})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert message in error["message"] and "\n" not in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert _still_serves(client)
+
+
+def test_lm_eval_local_completions_scores_like_hubkit(server: str, chat_model_dir: Path) -> None:
+    """lm-evaluation-harness's own API model against `hubkit serve`: the numbers of the pool's verb."""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    lm = LocalCompletionsAPI(
+        base_url=f"{server}/v1/completions",
+        model=SERVED,
+        tokenizer=str(chat_model_dir),  # offline: the served model's own tokenizer files
+        tokenizer_backend="huggingface",
+        max_length=512,
+        max_retries=1,
+    )
+    instances = [
+        Instance(request_type="loglikelihood", doc={}, arguments=pair, idx=i) for i, pair in enumerate(PAIRS)
+    ]
+    got = lm.loglikelihood(instances, disable_tqdm=True)
+    ref = _pool_loglikelihood(PAIRS)
+    worst = max(abs(lp - r.logprob) for (lp, _), r in zip(got, ref, strict=True))
+    print(f"\n[parity] lm-eval local-completions vs the pool's loglikelihood: max |Δ| = {worst:.2e} nats")
+    for (logprob, is_greedy), want in zip(got, ref, strict=True):
+        assert logprob == pytest.approx(want.logprob, abs=1e-3)
+        assert is_greedy == want.is_greedy
+
+
+def test_sentiment_space_scores_through_the_server(server: str, tmp_path: Path) -> None:
+    """`python spaces/sentiment/app.py` with HUBKIT_ENDPOINT set: no engine of its own, the server scores."""
+    import math
+
+    from gradio_client import Client
+
+    from hubkit.demo import sentiment_requests
+
+    port = _free_port()
+    env = {**os.environ, "HUBKIT_ENDPOINT": server, "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False"}  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    log = tmp_path / "sentiment-space.log"
+    space = Path(__file__).resolve().parents[1] / "spaces" / "sentiment"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "app.py"], cwd=space, env=env, stdout=out,
+                                stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/config", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"app.py did not come up:\n{log.read_text()[-3000:]}")
+            time.sleep(0.5)
+        headline, _, table, _ = Client(url, verbose=False).predict(
+            "\n".join(REVIEWS), None, api_name="/sentiment"
+        )
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert headline.startswith("### 3 reviews:")
+    assert "Traceback" not in log.read_text(errors="replace")
+    rows = table["data"]
+    assert [r[1] for r in rows] == REVIEWS
+    ref = _pool_loglikelihood([(r.context, r.continuation) for r in sentiment_requests(REVIEWS)])
+    for i, row in enumerate(rows):
+        neg, pos = ref[2 * i].logprob, ref[2 * i + 1].logprob
+        assert row[4] == pytest.approx(1 / (1 + math.exp(neg - pos)), abs=2e-4)
+        assert row[2] == ("긍정" if pos > neg else "부정")

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import random
 import threading
+import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,9 +28,11 @@ from hubkit.engine import (
     CompletionChunk,
     Loglikelihood,
     LoglikelihoodRequest,
+    PromptLogprobs,
     SamplingParams,
     check_prompt,
     check_prompt_length,
+    check_prompt_logprobs_args,
 )
 from hubkit.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from hubkit.models import resolve_model
@@ -293,9 +296,16 @@ class TransformersBackend:
         seed: Seeds the draws for requests that do not carry their own seed.
         batch_size: Requests per forward pass when scoring log-likelihoods.
         device: Torch device, "cpu" by default.
+        adapter: A PEFT prompt-tuning folder (see :mod:`hubkit.adapters`); the model is wrapped with
+            ``peft.PeftModel.from_pretrained``, which prepends the soft prompt to every input.
 
     Raises:
         ModelNotFoundError: the model, its config or its tokenizer cannot be loaded.
+        InvalidRequestError: a bad option, or an adapter folder that cannot be used with this model.
+
+    Attributes:
+        max_model_len: Tokens of text that fit the context (an adapter's soft prompt takes the rest).
+        adapter: The prompt-tuning adapter, or None.
     """
 
     name = "transformers"
@@ -309,6 +319,7 @@ class TransformersBackend:
         seed: int = 0,
         batch_size: int = 16,
         device: str = "cpu",
+        adapter: str | None = None,
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -322,6 +333,12 @@ class TransformersBackend:
         self.seq2seq = bool(getattr(config, "is_encoder_decoder", False))
         self.max_model_len = choose_max_model_len(max_model_len, context_length(config, tokenizer), model)
         self.batch_size = batch_size
+        self.adapter = None
+        if adapter is not None:
+            from hubkit.adapters import load_prompt_adapter
+
+            self.adapter = load_prompt_adapter(adapter)  # checked before the weights are loaded
+            self.adapter.check_model(config, model=model, max_model_len=self.max_model_len)
         auto_cls = AutoModelForSeq2SeqLM if self.seq2seq else AutoModelForCausalLM
         try:
             hf_model = auto_cls.from_pretrained(resolved, dtype=torch_dtype)
@@ -331,6 +348,9 @@ class TransformersBackend:
                 "pass a folder with config.json and model.safetensors"
             ) from exc
         self._model: PreTrainedModel | None = hf_model.to(device).eval()
+        if self.adapter is not None:
+            self._model = _with_adapter(self._model, self.adapter.path)
+            self.max_model_len -= self.adapter.num_virtual_tokens
         self._device = torch.device(device)
         self._tokenizer = tokenizer
         gen = hf_model.generation_config
@@ -375,6 +395,27 @@ class TransformersBackend:
             return []
         return await asyncio.to_thread(self._locked, self._score, encoded)
 
+    async def prompt_logprobs(
+        self, token_ids: Sequence[int], *, top: int = 0, max_tokens: int = 0
+    ) -> PromptLogprobs:
+        """Per-token log-probs of a tokenized prompt (OpenAI's ``echo`` + ``logprobs``) from one forward
+        pass; with ``max_tokens=1`` also the greedy next token. Decoder-only models only.
+
+        Args:
+            token_ids: The prompt's token ids.
+            top: Alternatives reported per position (besides the token itself), 0 to 20.
+            max_tokens: 0 or 1 greedy tokens generated after the prompt.
+        """
+        if self.seq2seq:
+            raise InvalidRequestError(
+                "echo scoring reads a decoder-only model's prompt log-probs; use /v1/loglikelihood for this model"
+            )
+        ids = check_prompt_logprobs_args(
+            token_ids, top=top, max_tokens=max_tokens, vocab_size=len(self._tokenizer),
+            max_model_len=self.max_model_len,
+        )  # fmt: skip
+        return await asyncio.to_thread(self._locked, self._prompt_logprobs, ids, top, max_tokens)
+
     def generate_batch(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
         """Generates continuations of many prompts in one padded ``model.generate`` call (blocking).
 
@@ -396,6 +437,10 @@ class TransformersBackend:
         """Drops the model so its memory can be freed."""
         with self._lock:
             self._model = None
+
+    @property
+    def _soft_positions(self) -> int:
+        return self.adapter.num_virtual_tokens if self.adapter is not None else 0
 
     @property
     def _hf(self) -> PreTrainedModel:
@@ -500,6 +545,10 @@ class TransformersBackend:
         import torch
         from transformers import StoppingCriteriaList
 
+        if self.adapter is not None and len(prepared) > 1:
+            # PEFT puts the soft prompt in front of the left padding, which changes a padded row's
+            # greedy tokens (measured); one prompt at a time is exact.
+            return [c for p in prepared for c in self._generate_prepared([p], params)]
         input_ids, mask = self._batch_tensors([p.token_ids for p in prepared])
         criteria = StoppingCriteriaList()
         if params.stop:
@@ -630,7 +679,8 @@ class TransformersBackend:
                         labels=labels.to(self._device),
                     ).logits
                 else:
-                    logits = self._hf(batch.to(self._device)).logits
+                    # An adapter's soft-prompt positions come first; lm-eval's offsets count from after them.
+                    logits = self._hf(batch.to(self._device)).logits[:, self._soft_positions :]
                 multi_logprobs = F.log_softmax(logits.float(), dim=-1)
             for row, i in enumerate(chunk):
                 cont_toks = conts[row]
@@ -644,6 +694,59 @@ class TransformersBackend:
                 logprob = float(lp.gather(-1, target.unsqueeze(-1)).sum())
                 results[i] = Loglikelihood(logprob=logprob, is_greedy=is_greedy, num_tokens=contlen)
         return [r for r in results if r is not None]
+
+    def _prompt_logprobs(self, ids: list[int], top: int, max_tokens: int) -> PromptLogprobs:
+        import torch
+        import torch.nn.functional as F
+
+        with torch.inference_mode():
+            logits = self._hf(torch.tensor([ids], device=self._device)).logits[0, self._soft_positions :]
+            lp = F.log_softmax(logits.float(), dim=-1)
+        tokens, logprobs, tops = list(ids), [None], [None]
+
+        def at(row: int, token: int) -> dict[int, float]:
+            out: dict[int, float] = {}
+            if top:
+                values, indices = lp[row].topk(top)
+                out = {int(i): float(v) for i, v in zip(indices.tolist(), values.tolist(), strict=True)}
+            out[token] = float(lp[row, token])
+            return out
+
+        # Row p holds the distribution of token p + 1.
+        for pos in range(1, len(ids)):
+            logprobs.append(float(lp[pos - 1, ids[pos]]))
+            tops.append(at(pos - 1, ids[pos]))
+        if max_tokens:
+            token = int(lp[-1].argmax())
+            tokens.append(token)
+            logprobs.append(float(lp[-1, token]))
+            tops.append(at(len(ids) - 1, token))
+        return PromptLogprobs(
+            token_ids=tuple(tokens),
+            logprobs=tuple(logprobs),
+            top_logprobs=tuple(tops),
+            num_prompt_tokens=len(ids),
+        )
+
+
+def _with_adapter(model: Any, adapter_path: str) -> Any:
+    """Wraps a causal LM with its prompt-tuning adapter through PEFT, the reference implementation."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise InvalidRequestError(
+            "serving an adapter with transformers needs peft; pip install peft"
+        ) from exc
+    # PEFT warns on every generate() that it drops the position ids transformers passes; single prompts
+    # are exact without them (checked against a plain forward pass), so the warning is noise.
+    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
+    try:
+        return PeftModel.from_pretrained(model, adapter_path).eval()
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidRequestError(
+            f"peft cannot load adapter {adapter_path} ({first}); pass the folder PeftModel.save_pretrained wrote"
+        ) from exc
 
 
 def _torch_dtype(dtype: str) -> Any:

@@ -17,6 +17,10 @@ request prefills their shared context once and reads the choice tokens at the ne
 :class:`~hubkit.backends.vllm_forced.ForcedTokens` logits processor, registered at engine start). The
 numbers are the same; :func:`plan_scoring` explains the routing, and ``fast_scoring=False`` restores
 lm-eval's way.
+
+With a prompt-tuning adapter (``adapter=``, see :mod:`hubkit.adapters`) the engine starts with
+``enable_prompt_embeds`` and every request, generation and scoring alike, goes in as a mixed embeddings
+prompt: the soft prompt's N vectors, then the token ids. Without one nothing changes.
 """
 
 from __future__ import annotations
@@ -45,9 +49,11 @@ from hubkit.engine import (
     CompletionChunk,
     Loglikelihood,
     LoglikelihoodRequest,
+    PromptLogprobs,
     SamplingParams,
     check_prompt,
     check_prompt_length,
+    check_prompt_logprobs_args,
 )
 from hubkit.errors import EngineError, HubkitError, InvalidRequestError, ModelNotFoundError
 
@@ -104,15 +110,22 @@ class VLLMBackend:
         fast_scoring: Score requests that share a context with one next-token request per distinct
             prefix (see :func:`plan_scoring`); False sends every request through vLLM's prompt
             log-probs, the way lm-eval's vLLM backend does. Both give the same numbers.
+        adapter: A PEFT prompt-tuning folder (:func:`hubkit.adapters.load_prompt_adapter`) whose soft
+            prompt goes in front of every request; the engine then accepts prompt embeddings. Use
+            ``dtype="float32"`` to match transformers + peft on a float32 checkpoint.
         **engine_options: Passed to ``vllm.AsyncEngineArgs`` (e.g. ``max_num_seqs=64``,
             ``enable_prefix_caching=False``).
 
     Raises:
         ModelNotFoundError: the model cannot be found, or vLLM cannot run its architecture (checked
             before the engine process is spawned).
+        InvalidRequestError: a bad option, or an adapter folder that cannot be used with this model
+            (checked before the engine process is spawned).
         EngineError: the engine failed to start.
 
     Attributes:
+        max_model_len: Tokens of text that fit the context (an adapter's soft prompt takes the rest).
+        adapter: The prompt-tuning adapter, or None.
         start_seconds: Wall time the engine took to start.
         fast_scoring: The ``fast_scoring`` option; may be switched at any time (benchmarks compare).
     """
@@ -127,6 +140,7 @@ class VLLMBackend:
         max_model_len: int | None = None,
         seed: int = 0,
         fast_scoring: bool = True,
+        adapter: str | None = None,
         **engine_options: Any,
     ) -> None:
         if dtype not in _DTYPES:
@@ -139,6 +153,16 @@ class VLLMBackend:
         self.model = resolved
         self.max_model_len = choose_max_model_len(max_model_len, context_length(config, tokenizer), model)
         self._tokenizer = tokenizer
+        self.adapter = None
+        if adapter is not None:
+            from hubkit.adapters import load_prompt_adapter
+
+            self.adapter = load_prompt_adapter(adapter)
+            self.adapter.check_model(config, model=model, max_model_len=self.max_model_len)
+            # Only adapter engines take embeddings: the option costs plain engines an embedding pass
+            # outside the model on every step.
+            engine_options["enable_prompt_embeds"] = True
+        self._soft_prompt: Any = None
 
         from vllm import AsyncEngineArgs
         from vllm.platforms import current_platform
@@ -198,6 +222,12 @@ class VLLMBackend:
         self.start_seconds = time.perf_counter() - started
         # vLLM's own view wins (it may cap the length by rope scaling or sliding windows).
         self.max_model_len = int(self._engine.model_config.max_model_len)
+        if self.adapter is not None:
+            import torch
+
+            # Sent in the engine's dtype: vLLM would cast it anyway, and the prefix cache hashes its bytes.
+            self._soft_prompt = torch.from_numpy(self.adapter.embeddings).to(self._engine.model_config.dtype)
+            self.max_model_len -= self.adapter.num_virtual_tokens
 
     # -- public API ----------------------------------------------------------------------------------
 
@@ -216,7 +246,7 @@ class VLLMBackend:
 
         async def run() -> Any:
             final = None
-            async for out in engine.generate(_tokens(ids, prompt), sampling, _request_id()):
+            async for out in engine.generate(self._input(ids, prompt), sampling, _request_id()):
                 final = out
             return final
 
@@ -273,7 +303,66 @@ class VLLMBackend:
             forcing=self._forcing,
             fast_path=self.fast_scoring,
         )
-        return await self._call(_run_plan(engine, inputs, plan))
+        return await self._call(_run_plan(engine, inputs, plan, soft_prompt=self._soft_prompt))
+
+    async def prompt_logprobs(
+        self, token_ids: Sequence[int], *, top: int = 0, max_tokens: int = 0
+    ) -> PromptLogprobs:
+        """Per-token log-probs of a tokenized prompt (OpenAI's ``echo`` + ``logprobs``), from vLLM's
+        prompt log-probs; with ``max_tokens=1`` also the greedy next token.
+
+        Args:
+            token_ids: The prompt's token ids.
+            top: Alternatives reported per position (besides the token itself), 0 to 20.
+            max_tokens: 0 or 1 greedy tokens generated after the prompt.
+        """
+        from vllm import SamplingParams as VSamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        ids = check_prompt_logprobs_args(
+            token_ids, top=top, max_tokens=max_tokens, vocab_size=len(self._tokenizer),
+            max_model_len=self.max_model_len,
+        )  # fmt: skip
+        engine = self._require_engine()
+        # vLLM must generate a token anyway; it is reported only when asked for.
+        sampling = VSamplingParams(
+            max_tokens=1,
+            temperature=0.0,
+            prompt_logprobs=top,
+            logprobs=top if max_tokens else None,
+            detokenize=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+
+        async def run() -> Any:
+            final = None
+            async for out in engine.generate(self._input(ids, None), sampling, _request_id()):
+                final = out
+            return final
+
+        final = await self._call(run())
+        # An adapter's soft prompt comes first: its positions are not the caller's tokens.
+        positions = list(final.prompt_logprobs or [])[self._soft_positions :]
+        if len(positions) != len(ids):
+            raise EngineError("vLLM returned prompt log-probs for another number of tokens than sent; retry")
+        tokens, logprobs, tops = list(ids), [None], [None]
+        for pos in range(1, len(ids)):
+            entry = positions[pos]
+            logprobs.append(float(entry[ids[pos]].logprob))
+            tops.append({int(t): float(lp.logprob) for t, lp in entry.items()})
+        if max_tokens:
+            choice = final.outputs[0]
+            token = int(choice.token_ids[0])
+            entry = choice.logprobs[0]
+            tokens.append(token)
+            logprobs.append(float(entry[token].logprob))
+            tops.append({int(t): float(lp.logprob) for t, lp in entry.items()})
+        return PromptLogprobs(
+            token_ids=tuple(tokens),
+            logprobs=tuple(logprobs),
+            top_logprobs=tuple(tops),
+            num_prompt_tokens=len(ids),
+        )
 
     def shutdown(self) -> None:
         """Stops the engine process and its event loop thread. Safe to call twice."""
@@ -284,6 +373,13 @@ class VLLMBackend:
         self._loop.stop()
 
     # -- internals -----------------------------------------------------------------------------------
+
+    def _input(self, ids: list[int], prompt: str | None) -> Any:
+        return _engine_input(ids, prompt, self._soft_prompt)
+
+    @property
+    def _soft_positions(self) -> int:
+        return self.adapter.num_virtual_tokens if self.adapter is not None else 0
 
     def _require_engine(self) -> AsyncLLM:
         if self._engine is None:
@@ -319,7 +415,7 @@ class VLLMBackend:
 
         async def pump() -> None:
             try:
-                async for out in engine.generate(_tokens(ids, prompt), sampling, _request_id()):
+                async for out in engine.generate(self._input(ids, prompt), sampling, _request_id()):
                     choice = out.outputs[0]
                     finish = _finish_reason(choice.finish_reason) if out.finished else None
                     emit(
@@ -577,16 +673,16 @@ def _prefix_cost(context_len: int, depth: int, block_size: int, prefix_caching: 
 
 
 async def _run_plan(
-    engine: AsyncLLM, inputs: Sequence[tuple[list[int], int]], plan: ScoringPlan
+    engine: AsyncLLM, inputs: Sequence[tuple[list[int], int]], plan: ScoringPlan, *, soft_prompt: Any = None
 ) -> list[Loglikelihood]:
     results: list[Loglikelihood | None] = [None] * len(inputs)
     reads: list[list[tuple[dict[int, float], int]] | None] = [None] * len(plan.chains)
 
     async def by_chain(c: int) -> None:
-        reads[c] = await _read_chain(engine, plan.chains[c])
+        reads[c] = await _read_chain(engine, plan.chains[c], soft_prompt=soft_prompt)
 
     async def by_prompt(i: int) -> None:
-        results[i] = await _prompt_logprobs_score(engine, *inputs[i])
+        results[i] = await _prompt_logprobs_score(engine, *inputs[i], soft_prompt=soft_prompt)
 
     # Submitted in plan order (a context's first chain before the chains that read its KV blocks from
     # the prefix cache), which vLLM's first-come-first-served scheduler keeps.
@@ -605,8 +701,14 @@ async def _run_plan(
     return results  # type: ignore[return-value]
 
 
-async def _read_chain(engine: AsyncLLM, chain: Chain) -> list[tuple[dict[int, float], int]]:
-    """Per position of the chain: the log-probs of the targets there, and the greedy token there."""
+async def _read_chain(
+    engine: AsyncLLM, chain: Chain, *, soft_prompt: Any = None
+) -> list[tuple[dict[int, float], int]]:
+    """Per position of the chain: the log-probs of the targets there, and the greedy token there.
+
+    With a soft prompt the chain's prompt goes in behind it; generated (forced) tokens are token ids
+    either way, so nothing else changes.
+    """
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -629,7 +731,8 @@ async def _read_chain(engine: AsyncLLM, chain: Chain) -> list[tuple[dict[int, fl
         extra_args={FORCED_TOKENS_ARG: list(chain.forced), REPORT_STEPS_ARG: list(report)} if m else None,
     )
     final = None
-    async for out in engine.generate(_tokens(list(chain.prompt), None), sampling, _request_id()):
+    prompt = _engine_input(list(chain.prompt), None, soft_prompt)
+    async for out in engine.generate(prompt, sampling, _request_id()):
         final = out
     completion = final.outputs[0] if final is not None else None
     flat = completion.logprobs if completion is not None else None
@@ -655,8 +758,13 @@ async def _read_chain(engine: AsyncLLM, chain: Chain) -> list[tuple[dict[int, fl
     return reads
 
 
-async def _prompt_logprobs_score(engine: AsyncLLM, tokens: list[int], ctxlen: int) -> Loglikelihood:
-    """Scores one input from vLLM's prompt log-probs, as lm-eval's vLLM backend does."""
+async def _prompt_logprobs_score(
+    engine: AsyncLLM, tokens: list[int], ctxlen: int, *, soft_prompt: Any = None
+) -> Loglikelihood:
+    """Scores one input from vLLM's prompt log-probs, as lm-eval's vLLM backend does.
+
+    With a soft prompt its N positions come first, so token ``pos`` is reported at ``N + pos``.
+    """
     from vllm import SamplingParams as VSamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -670,9 +778,11 @@ async def _prompt_logprobs_score(engine: AsyncLLM, tokens: list[int], ctxlen: in
         output_kind=RequestOutputKind.FINAL_ONLY,
     )
     final = None
-    async for out in engine.generate(_tokens(tokens, None), sampling, _request_id()):
+    async for out in engine.generate(_engine_input(tokens, None, soft_prompt), sampling, _request_id()):
         final = out
     positions = final.prompt_logprobs
+    if soft_prompt is not None:
+        positions = positions[int(soft_prompt.shape[0]) :]
     total, greedy = 0.0, True
     for pos in range(ctxlen, len(tokens)):
         entry = positions[pos][tokens[pos]]
@@ -739,6 +849,28 @@ def _to_vllm(params: SamplingParams, output_kind: Any) -> Any:
         seed=params.seed,
         ignore_eos=params.ignore_eos,
         output_kind=output_kind,
+    )
+
+
+def _engine_input(ids: list[int], prompt: str | None, soft_prompt: Any) -> Any:
+    """The engine input for token ids: plain tokens, or the soft prompt followed by the tokens."""
+    if soft_prompt is None:
+        return _tokens(ids, prompt)
+    import torch
+    from vllm.inputs import embeds_input
+
+    n = int(soft_prompt.shape[0])
+    # vLLM's mixed form: rows where is_token_ids is False come from prompt_embeds, the others are
+    # embedded by the engine's own embedding layer (their rows here are unused zeros; the ids under the
+    # soft prompt are placeholders). Unlike an all-embeddings prompt, it keeps token ids, so prompt
+    # log-probs still come back and the tokens are embedded exactly as in a plain prompt.
+    embeds = torch.zeros((n + len(ids), soft_prompt.shape[1]), dtype=soft_prompt.dtype)
+    embeds[:n] = soft_prompt
+    return embeds_input(
+        embeds,
+        prompt=prompt,
+        prompt_token_ids=[0] * n + list(ids),
+        is_token_ids=[False] * n + [True] * len(ids),
     )
 
 
