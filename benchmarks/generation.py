@@ -101,23 +101,30 @@ def bench_vllm_and_pool(
     llm = vllm.LLM(model=model, dtype="float32", enforce_eager=True, seed=0)
     vparams = vllm.SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
     llm.generate(prompts[:4], vparams, use_tqdm=False)
-    pools = {n: EnginePool(model, replicas=n, engine_options={"dtype": "float32"}) for n in replicas}
-    for pool in pools.values():
-        pool.generate(prompts[:4], params)
     bare: list[tuple[int, float]] = []
     ours: dict[int, list[tuple[int, float]]] = {n: [] for n in replicas}
-    for _ in range(rounds):  # alternating, so a noisy neighbour hurts every system alike
-        t0 = time.perf_counter()
-        out = llm.generate(prompts, vparams, use_tqdm=False)
-        bare.append((sum(len(o.outputs[0].token_ids) for o in out), time.perf_counter() - t0))
-        for n, pool in pools.items():
-            t0 = time.perf_counter()
-            res = pool.generate(prompts, params)
-            ours[n].append((sum(c.completion_tokens for c in res), time.perf_counter() - t0))
-    for pool in pools.values():
-        pool.shutdown()
-    del llm
-    gc.collect()
+    try:
+        # One pool at a time (a local Ray has one CPU per core to give), alternating with bare vLLM so
+        # that a noisy neighbour hurts every system alike.
+        for n in replicas:
+            pool = EnginePool(model, replicas=n, engine_options={"dtype": "float32"})
+            try:
+                pool.generate(prompts[:4], params)
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    out = llm.generate(prompts, vparams, use_tqdm=False)
+                    bare.append((sum(len(o.outputs[0].token_ids) for o in out), time.perf_counter() - t0))
+                    t0 = time.perf_counter()
+                    res = pool.generate(prompts, params)
+                    ours[n].append((sum(c.completion_tokens for c in res), time.perf_counter() - t0))
+            finally:
+                pool.shutdown()
+    finally:
+        engine = llm.llm_engine
+        del llm
+        if hasattr(engine, "engine_core"):
+            engine.engine_core.shutdown()
+        gc.collect()
     name = Path(model).name
     med = lambda xs: sorted(xs, key=lambda t: t[0] / t[1])[len(xs) // 2]  # noqa: E731 - median by tok/s
     rows = [Row(setting, name, "bare vllm.LLM.generate", str(len(prompts)), *med(bare))]

@@ -177,7 +177,11 @@ _REPLICAS_ENV = "HUBKIT_REPLICAS"
 
 
 def _node_cpus() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    return (
+        sorted(os.sched_getaffinity(0))
+        if hasattr(os, "sched_getaffinity")
+        else list(range(os.cpu_count() or 1))
+    )
 
 
 def cpu_binding(slot: int, replicas: int, cpus: Sequence[int]) -> str | None:
@@ -251,6 +255,8 @@ class EngineActor:
             "node_ip": ray.util.get_node_ip_address(),
             "actor_id": ctx.get_actor_id(),
             "requests": self._requests,
+            # The cores this actor's vLLM engine computes on (cpu_binding), or None for vLLM's own choice.
+            "cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         }
 
     async def generate(self, prompt: str, params: SamplingParams) -> Completion:

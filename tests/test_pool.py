@@ -124,6 +124,36 @@ def test_pool_reports_its_shape(pool: Any, tiny_model_dir: Path) -> None:
     assert len(pool.actors) == 2
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
+def test_replicas_compute_on_different_cores(pool: Any) -> None:
+    # vLLM's own "auto" binding pins every engine's worker to the same core; the pool splits them.
+    import psutil
+
+    from hubkit.pool import cpu_binding
+
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        pytest.skip("the environment sets VLLM_CPU_OMP_THREADS_BIND")
+    actors = pool.info()["actors"]
+    assert sorted(a["cpu_binding"] for a in actors) == sorted(
+        cpu_binding(s, 2, sorted(os.sched_getaffinity(0))) for s in (0, 1)
+    )
+    workers = [
+        p for a in actors for p in psutil.Process(a["pid"]).children(recursive=True) if "Worker" in p.name()
+    ]
+    cores = [frozenset(w.cpu_affinity()) for w in workers]
+    assert len(cores) == 2 and cores[0].isdisjoint(cores[1]), cores
+
+
+def test_cpu_binding_splits_the_cores_between_replicas() -> None:
+    from hubkit.pool import cpu_binding
+
+    assert cpu_binding(0, 1, [0, 1]) is None  # one replica keeps vLLM's choice
+    assert cpu_binding(0, 2, [0]) is None  # nothing to split
+    assert [cpu_binding(s, 2, [0, 1]) for s in range(3)] == ["0", "1", "0"]
+    assert [cpu_binding(s, 2, [0, 1, 2, 3]) for s in range(2)] == ["0,1", "2,3"]
+    assert [cpu_binding(s, 3, [4, 5, 6, 7]) for s in range(3)] == ["4", "5", "6"]
+
+
 def test_generate_keeps_prompt_order_and_matches_the_backend(pool: Any, reference: dict[str, Any]) -> None:
     before = _requests_per_actor(pool)
     started = time.perf_counter()
