@@ -929,6 +929,7 @@ def build_card(
         kwargs |= _tuned_fields(
             tuned,
             card_data,
+            kwargs["details"],
             name=short_name,
             repo_id=repo_id,
             revision=revision,
@@ -1381,6 +1382,7 @@ def read_tuned(folder: Path | None) -> TunedFolder | None:
 def _tuned_fields(
     tuned: TunedFolder,
     card_data: Any,
+    details: Sequence[tuple[str, str]],
     *,
     name: str,
     repo_id: str | None,
@@ -1473,6 +1475,14 @@ def _tuned_fields(
     }
     if not description:
         fields["summary"] = summary
+    # `hubkit publish` builds the card with no dataset or base model given: tuning.json knows both.
+    dataset = t.get("dataset")
+    if dataset in _KNOWN_DATASETS and not card_data.datasets:
+        card_data.datasets = [dataset]
+        fields["citations"] = _citations([dataset])
+    if base and not card_data.base_model:
+        card_data.base_model = base
+        fields["details"] = [*details, ("Fine-tuned from", base)]
     if own_results and tuned.results:
         fields["evaluation_text"] = (
             "Scored by `hubkit tune` on its eval data with transformers + peft in float32: each choice's score is "
