@@ -1193,7 +1193,9 @@ def _training_text(training: Mapping[str, Any] | None) -> str:
     bits = []
     if training.get("preset"):
         bits.append(f"preset `{training['preset']}`")
-    if config.get("batch_size") and config.get("seq_len"):
+    if config.get("batch_size") and config.get("seq_len") and training.get("objective"):
+        bits.append(f"batches of {config['batch_size']} documents of up to {config['seq_len']} input bytes")
+    elif config.get("batch_size") and config.get("seq_len"):
         bits.append(f"batches of {config['batch_size']} x {config['seq_len']} tokens")
     if config.get("lr"):
         optimizer = training.get("optimizer") or "AdamW"
@@ -1228,12 +1230,16 @@ def _training_data_lines(training: Mapping[str, Any] | None, datasets: Sequence[
         corpus = training.get("corpus") or {}
         if data:
             text = f"- Training text: `{Path(str(data)).name}`"
-            if corpus.get("documents") and corpus.get("tokens"):
+            if corpus.get("documents") and corpus.get("tokens") and training.get("objective"):
+                text += f", {int(corpus['documents']):,} documents, {int(corpus['tokens']):,} UTF-8 bytes"
+            elif corpus.get("documents") and corpus.get("tokens"):
                 text += f", {int(corpus['documents']):,} documents, {int(corpus['tokens']):,} tokens after packing"
             lines.append(text + ".")
         held = training.get("heldout") or {}
         if held.get("data"):
-            lines.append(f"- Held-out text for perplexity: `{Path(str(held['data'])).name}`.")
+            lines.append(
+                f"- Held-out text for {held.get('metric') or 'perplexity'}: `{Path(str(held['data'])).name}`."
+            )
     return lines
 
 

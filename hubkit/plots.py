@@ -189,7 +189,7 @@ def plot_labels_predictions(
     ax.set_ylim(-0.5, len(ticks) - 0.5)
     ax.set_xlabel("eval row")
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(loc="center right", fontsize="small")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside: no dot hidden
     ax.set_title(title)
     return _save(fig, path)
 
