@@ -699,7 +699,6 @@ def heldout_span_loss(
         bits per target id (each is one byte or one marker).
     """
     import torch
-    import torch.nn.functional as F
 
     if not docs:
         raise DataError("no held-out documents to score: pass a non-empty --eval-data file")
@@ -730,14 +729,9 @@ def heldout_span_loss(
                     mask[row, : len(inp)] = 1
                     labels[row, : len(tgt)] = torch.tensor(tgt)
                 # -100 labels become pad in the decoder input (T5 shifts labels right itself).
-                logits = model(input_ids=ids, attention_mask=mask, labels=labels).logits.float()
-                nll += F.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)),
-                    labels.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                ).item()
-                count += int((labels != -100).sum())
+                logits = model(input_ids=ids, attention_mask=mask, labels=labels).logits
+                batch_nll, batch_count = _summed_nll(logits, labels)
+                nll, count = nll + batch_nll, count + batch_count
     finally:
         model.train(was_training)
     return Perplexity(
@@ -773,7 +767,6 @@ def heldout_perplexity(
         batch_size: documents per forward pass.
     """
     import torch
-    import torch.nn.functional as F
 
     if not docs:
         raise DataError("no held-out documents to score: pass a non-empty --eval-data file")
@@ -799,14 +792,8 @@ def heldout_perplexity(
                 for row, s in enumerate(batch):
                     targets[row, len(s) - 1 :] = -100
                 # Right padding: causal attention keeps real tokens blind to the pads after them.
-                logits = model(input_ids=ids[:, :-1]).logits.float()
-                nll += F.cross_entropy(
-                    logits.reshape(-1, logits.size(-1)),
-                    targets.reshape(-1),
-                    ignore_index=-100,
-                    reduction="sum",
-                ).item()
-                count += int((targets != -100).sum())
+                batch_nll, batch_count = _summed_nll(model(input_ids=ids[:, :-1]).logits, targets)
+                nll, count = nll + batch_nll, count + batch_count
     finally:
         model.train(was_training)
     return Perplexity(
@@ -816,6 +803,17 @@ def heldout_perplexity(
         documents=len(docs),
         bits_per_byte=nll / math.log(2) / n_bytes,
     )
+
+
+def _summed_nll(logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """Summed negative log-likelihood of the targets (positions marked -100 skipped), and how many counted."""
+    import torch.nn.functional as F
+
+    logits = logits.float()
+    nll = F.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100, reduction="sum"
+    ).item()
+    return nll, int((targets != -100).sum())
 
 
 # --------------------------------------------------------------------------------------------- training

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from hubkit.errors import DataError, InvalidRequestError
+from hubkit.training import CHECKPOINTS, _checkpoints  # laid out like train-lm's: step-N/ + state.json
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,7 @@ Init = Literal["examples", "vocab", "random", "text"]
 LOG_FILE = "train_log.jsonl"
 TUNING_FILE = "tuning.json"
 EVAL_DIR = "eval"
-CHECKPOINTS = "checkpoints"
+
 BEST_FILE = "best.safetensors"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TUNING_SCHEMA = "hubkit.tune/1"
@@ -1358,21 +1359,6 @@ def _load_weights(path: Path, model: Any, method: str) -> None:
         set_peft_model_state_dict(model, load_file(str(path)))
     else:
         load_model(model, str(path))
-
-
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    root = out / CHECKPOINTS
-    found = []
-    if root.is_dir():
-        for d in root.iterdir():
-            if (
-                d.is_dir()
-                and d.name.startswith("step-")
-                and d.name[5:].isdigit()
-                and (d / "state.json").is_file()
-            ):
-                found.append((int(d.name[5:]), d))
-    return sorted(found)
 
 
 def _save_checkpoint(
