@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayTaskError
 
+from hubkit.backends.vllm import cpu_binding, node_cpus
 from hubkit.engine import (
     GREEDY,
     BackendChoice,
@@ -176,33 +177,6 @@ _SLOT_ENV = "HUBKIT_REPLICA_SLOT"
 _REPLICAS_ENV = "HUBKIT_REPLICAS"
 
 
-def _node_cpus() -> list[int]:
-    return (
-        sorted(os.sched_getaffinity(0))
-        if hasattr(os, "sched_getaffinity")
-        else list(range(os.cpu_count() or 1))
-    )
-
-
-def cpu_binding(slot: int, replicas: int, cpus: Sequence[int]) -> str | None:
-    """The cores a vLLM CPU engine of replica ``slot`` binds its compute threads to (``VLLM_CPU_OMP_THREADS_BIND``).
-
-    vLLM's own "auto" binding leaves one core for its scheduler and binds every engine's worker to the
-    same remaining cores, so replicas on one machine used to share one core (measured here: two
-    replicas scored 1.04x one). One replica keeps vLLM's choice; several split the node's cores between
-    them, one disjoint set each (slots beyond the core count wrap around).
-
-    Returns:
-        A core list such as ``"1"`` or ``"2-3"``, or None to keep vLLM's default.
-    """
-    if replicas <= 1 or len(cpus) < 2:
-        return None
-    per = max(1, len(cpus) // replicas)
-    start = (slot * per) % len(cpus)
-    mine = cpus[start : start + per]
-    return ",".join(str(c) for c in mine)
-
-
 @ray.remote(max_concurrency=1000)
 class EngineActor:
     """One backend in a Ray actor. Async: one actor serves many concurrent requests.
@@ -219,7 +193,7 @@ class EngineActor:
         self._backend: Any = None
         if backend == "vllm" and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
             binding = cpu_binding(
-                int(os.environ.get(_SLOT_ENV, "0")), int(os.environ.get(_REPLICAS_ENV, "1")), _node_cpus()
+                int(os.environ.get(_SLOT_ENV, "0")), int(os.environ.get(_REPLICAS_ENV, "1")), node_cpus()
             )
             if binding is not None:  # inherited by the engine processes vLLM spawns from here
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding

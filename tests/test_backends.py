@@ -585,3 +585,64 @@ def test_prompt_logprobs_agree_between_backends_and_with_loglikelihood(vllm_back
     assert run(vllm_backend.prompt_logprobs(ids, top=1)).logprobs[1:] == pytest.approx(
         v.logprobs[1:-1], abs=1e-5
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# hubkit's native GPT-NeoX for vLLM (hubkit/backends/vllm_neox.py)
+# ----------------------------------------------------------------------------------------------------
+
+_RESOLVE = """
+import json, vllm
+from vllm.plugins import load_general_plugins
+load_general_plugins()
+from vllm.model_executor.models import ModelRegistry
+cls = ModelRegistry._try_load_model_cls("GPTNeoXForCausalLM")
+print(json.dumps(cls.__module__ + ":" + cls.__name__))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("choice", ["native", "transformers"])
+def test_vllm_resolves_gpt_neox_to_hubkits_native_model(choice: str) -> None:
+    """vLLM's plugin hook registers hubkit's GPT-NeoX in a fresh process; the env var opts out."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = os.environ | {"HUBKIT_VLLM_NEOX": choice}
+    out = subprocess.run(
+        [sys.executable, "-c", _RESOLVE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    resolved = json.loads(out.stdout.strip().splitlines()[-1])
+    if choice == "native":
+        assert resolved == "hubkit.backends.vllm_neox:GPTNeoXForCausalLM"
+    else:
+        assert resolved.startswith("vllm.") and "Transformers" in resolved
+
+
+@pytest.mark.slow
+def test_native_neox_variants_match_transformers(tmp_path: Path) -> None:
+    """The other GPT-NeoX layouts the checkpoints use: sequential residual, tied head, quarter rotary."""
+    from conftest import build_tiny_neox
+
+    from hubkit.backends.transformers import TransformersBackend
+    from hubkit.backends.vllm import VLLMBackend
+
+    model = build_tiny_neox(
+        tmp_path / "variant", seed=1, use_parallel_residual=False, tie_word_embeddings=True, rotary_pct=0.25
+    )
+    tf = TransformersBackend(str(model), dtype="float32")
+    vl = VLLMBackend(str(model), dtype="float32")
+    try:
+        ids = tf.tokenizer.encode("리뷰: 스토리가 너무 지루해서 감정은 별로다", add_special_tokens=False)
+        got = [run(b.prompt_logprobs(ids, top=0, max_tokens=1)) for b in (vl, tf)]
+        worst = max(abs(a - b) for a, b in zip(got[0].logprobs[1:], got[1].logprobs[1:], strict=True))
+        print(f"\n[parity] native NeoX variant: max |Δ logprob| = {worst:.2e} nats over {len(ids)} tokens")
+        assert worst < 1e-3 and len(ids) >= 8
+        greedy = [run(b.generate(KOREAN_PROMPTS[1], GREEDY_24)).token_ids for b in (vl, tf)]
+        assert list(greedy[0]) == list(greedy[1]) and len(greedy[0]) >= 1
+    finally:
+        vl.shutdown()
+        tf.shutdown()

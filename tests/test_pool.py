@@ -147,7 +147,8 @@ def test_replicas_compute_on_different_cores(pool: Any) -> None:
 def test_cpu_binding_splits_the_cores_between_replicas() -> None:
     from hubkit.pool import cpu_binding
 
-    assert cpu_binding(0, 1, [0, 1]) is None  # one replica keeps vLLM's choice
+    assert cpu_binding(0, 1, [0, 1]) == "0,1"  # one replica computes on every core
+    assert cpu_binding(0, 1, [3]) is None  # one core: vLLM's choice
     assert cpu_binding(0, 2, [0]) is None  # nothing to split
     assert [cpu_binding(s, 2, [0, 1]) for s in range(3)] == ["0", "1", "0"]
     assert [cpu_binding(s, 2, [0, 1, 2, 3]) for s in range(2)] == ["0,1", "2,3"]
