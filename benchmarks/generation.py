@@ -96,9 +96,13 @@ def bench_vllm_and_pool(
     """bare vLLM and hubkit pools of each size, measured alternately; the median round of each is kept."""
     import vllm
 
+    from hubkit.backends.vllm import all_cores_binding
     from hubkit.pool import EnginePool
 
-    llm = vllm.LLM(model=model, dtype="float32", enforce_eager=True, seed=0)
+    # Bare vLLM computes on the cores hubkit's single engine does (vLLM's own "auto" would use one of
+    # two), so that the hubkit / bare ratio measures hubkit's own overhead.
+    with all_cores_binding():
+        llm = vllm.LLM(model=model, dtype="float32", enforce_eager=True, seed=0, block_size=32)
     vparams = vllm.SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
     llm.generate(prompts[:4], vparams, use_tqdm=False)
     bare: list[tuple[int, float]] = []
@@ -209,7 +213,10 @@ def write_table(rows: list[Row], http: dict | None, args: argparse.Namespace, ou
         "eos": f"each sequence stops at end-of-text, at most {args.eos_max_tokens} new tokens",
     }
     lines = [
-        f"Greedy, {args.prompts} Korean prompts, float32 on CPU, {os.cpu_count()} cores shared with other work. "
+        f"Greedy, {args.prompts} Korean prompts, float32 on CPU, {os.cpu_count()} cores. "
+        "transformers generates them in batches of the size in the batch column (batch 1: the first "
+        f"{args.bs1_prompts}); vLLM and hubkit take all of them at once and batch continuously (at most 256 "
+        "running sequences per engine). "
         f"Median of {args.rounds} alternating rounds for vLLM/hubkit. Settings: "
         + "; ".join(f"`{k}` = {v}" for k, v in settings.items() if k in {r.setting for r in rows})
         + ".",
@@ -259,7 +266,13 @@ def write_table(rows: list[Row], http: dict | None, args: argparse.Namespace, ou
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=256,
+        help="prompts per run: transformers takes them --batch-sizes at a time, the engines as they come",
+    )
+    parser.add_argument("--http-requests", type=int, default=64, help="concurrent streams in the HTTP test")
     parser.add_argument(
         "--max-tokens", type=int, default=64, help="new tokens per prompt in the `length` setting"
     )
@@ -300,7 +313,9 @@ def main() -> None:
                 batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
                 rows += bench_transformers(setting, model, prompts, params, batch_sizes, args.bs1_prompts)
         if not args.no_http:
-            http = bench_http(default_dir, prompts, args.max_tokens) | {"setting": "length"}
+            http = bench_http(default_dir, prompts[: args.http_requests], args.max_tokens) | {
+                "setting": "length"
+            }
     print(write_table(rows, http, args, args.out))
 
 

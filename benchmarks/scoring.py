@@ -118,7 +118,7 @@ def accuracy(logprobs: Sequence[float], labels: Sequence[int]) -> float:
 # Systems: each returns (seconds, [(logprob, is_greedy)] in pair order, engine start seconds)
 # --------------------------------------------------------------------------------------------------
 
-Scores = list[tuple[float, bool]]
+Scores = list[tuple[float, bool | None]]
 
 
 def run_hubkit(
@@ -134,7 +134,9 @@ def run_hubkit(
         pool.loglikelihood([LoglikelihoodRequest(c, x) for c, x in warmup_pairs(pairs)])
         start = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = pool.loglikelihood(requests)
+        # As `hubkit score` asks: ranking choices never reads is_greedy, and leaving it out saves
+        # a decode step per branching choice.
+        out = pool.loglikelihood(requests, greedy=False)
         seconds = time.perf_counter() - t0
     finally:
         pool.shutdown()
@@ -192,9 +194,12 @@ def import_lm_eval_vllm() -> type:
 
 
 def run_lm_eval_vllm(model: str, pairs: list[tuple[str, str]]) -> tuple[float, Scores, float]:
+    from hubkit.backends.vllm import all_cores_binding
+
     VLLM = import_lm_eval_vllm()
     t0 = time.perf_counter()
-    lm = VLLM(pretrained=model, dtype="float32", enforce_eager=True, seed=0)
+    with all_cores_binding():  # the cores hubkit's single engine computes on (vLLM's "auto": one of two)
+        lm = VLLM(pretrained=model, dtype="float32", enforce_eager=True, seed=0)
     instances = _instances(pairs)
     lm.loglikelihood(_instances(warmup_pairs(pairs)), disable_tqdm=True)
     start = time.perf_counter() - t0
@@ -328,9 +333,11 @@ def write_report(rows: list[Row], meta: dict, out: Path) -> str:
     return text
 
 
-def compare(a: Scores, b: Scores) -> tuple[float, float]:
-    """Max |Δ logprob| and the share of equal is_greedy flags."""
+def compare(a: Scores, b: Scores) -> tuple[float, float | None]:
+    """Max |Δ logprob| and the share of equal is_greedy flags (None where ``a`` has none)."""
     delta = max(abs(x[0] - y[0]) for x, y in zip(a, b, strict=True))
+    if any(x[1] is None for x in a):
+        return delta, None
     same = sum(x[1] == y[1] for x, y in zip(a, b, strict=True)) / len(a)
     return delta, same
 

@@ -61,12 +61,18 @@ class SamplingParams:
 
     def validate(self, *, max_tokens_limit: int = DEFAULT_MAX_TOKENS_LIMIT) -> SamplingParams:
         """Raises InvalidRequestError, naming the fix, if a value is out of range; returns self."""
-        if not isinstance(self.temperature, int | float) or math.isnan(self.temperature) or self.temperature < 0:
+        if (
+            not isinstance(self.temperature, int | float)
+            or math.isnan(self.temperature)
+            or self.temperature < 0
+        ):
             raise InvalidRequestError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
         if not 0 < self.top_p <= 1:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.top_k, int) or (self.top_k < 0 and self.top_k != -1):
-            raise InvalidRequestError(f"top_k must be -1 (all tokens) or a positive integer, got {self.top_k!r}")
+            raise InvalidRequestError(
+                f"top_k must be -1 (all tokens) or a positive integer, got {self.top_k!r}"
+            )
         if not isinstance(self.max_tokens, int) or self.max_tokens <= 0:
             raise InvalidRequestError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
         if self.max_tokens > max_tokens_limit:
@@ -121,10 +127,13 @@ class LoglikelihoodRequest:
 
 @dataclass(frozen=True)
 class Loglikelihood:
-    """Sum of the continuation tokens' log-probs (nats) and whether greedy decoding yields them."""
+    """Sum of the continuation tokens' log-probs (nats) and whether greedy decoding yields them.
+
+    ``is_greedy`` is None when the caller did not ask for it (``loglikelihood(..., greedy=False)``).
+    """
 
     logprob: float
-    is_greedy: bool
+    is_greedy: bool | None
     num_tokens: int = field(default=0)
 
 
@@ -207,8 +216,14 @@ class Backend(Protocol):
         """Generates one continuation of ``prompt`` and yields it as it is produced."""
         ...
 
-    async def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
-        """Scores each request; the results are in request order."""
+    async def loglikelihood(
+        self, requests: Sequence[LoglikelihoodRequest], *, greedy: bool = True
+    ) -> list[Loglikelihood]:
+        """Scores each request; the results are in request order.
+
+        ``greedy=False`` leaves ``is_greedy`` out (None), which an engine may answer faster: ranking
+        choices by log-likelihood (acc, acc_norm) never reads it.
+        """
         ...
 
     def shutdown(self) -> None:

@@ -246,8 +246,10 @@ class EngineActor:
         async for chunk in self._check(1).stream(prompt, params):
             yield chunk
 
-    async def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
-        return await self._check(len(requests)).loglikelihood(list(requests))
+    async def loglikelihood(
+        self, requests: Sequence[LoglikelihoodRequest], greedy: bool
+    ) -> list[Loglikelihood]:
+        return await self._check(len(requests)).loglikelihood(list(requests), greedy=greedy)
 
     async def prompt_logprobs(self, token_ids: Sequence[int], top: int, max_tokens: int) -> PromptLogprobs:
         backend = self._check(1)
@@ -554,10 +556,17 @@ class EnginePool:
                 self._run_sync(agen.aclose())
 
     def loglikelihood(
-        self, requests: Sequence[LoglikelihoodRequest], *, progress: bool = False
+        self, requests: Sequence[LoglikelihoodRequest], *, greedy: bool = True, progress: bool = False
     ) -> list[Loglikelihood]:
-        """Scores each (context, continuation) request; results in request order."""
-        return self._run_sync(self._loglikelihood_many(requests, progress=progress))
+        """Scores each (context, continuation) request; results in request order.
+
+        Args:
+            requests: The (context, continuation) pairs.
+            greedy: Also tell whether greedy decoding yields each continuation (``is_greedy``);
+                False leaves it None and saves the vLLM backend a decode step per branching choice.
+            progress: Show a tqdm progress bar.
+        """
+        return self._run_sync(self._loglikelihood_many(requests, greedy=greedy, progress=progress))
 
     async def agenerate(self, prompt: str, params: SamplingParams = GREEDY) -> Completion:
         """Async ``generate`` of one prompt, on the caller's event loop."""
@@ -617,9 +626,11 @@ class EnginePool:
             finally:
                 self._release(rep, 1)
 
-    async def aloglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
+    async def aloglikelihood(
+        self, requests: Sequence[LoglikelihoodRequest], *, greedy: bool = True
+    ) -> list[Loglikelihood]:
         """Async ``loglikelihood``, on the caller's event loop."""
-        return await self._loglikelihood_many(requests, progress=False)
+        return await self._loglikelihood_many(requests, greedy=greedy, progress=False)
 
     async def aprompt_logprobs(
         self, token_ids: Sequence[int], *, top: int = 0, max_tokens: int = 0
@@ -680,12 +691,12 @@ class EnginePool:
         return [c for part in results for c in part]
 
     async def _loglikelihood_many(
-        self, requests: Sequence[LoglikelihoodRequest], *, progress: bool
+        self, requests: Sequence[LoglikelihoodRequest], *, greedy: bool = True, progress: bool
     ) -> list[Loglikelihood]:
         self._ensure_open()
         reqs = [_as_loglikelihood_request(r) for r in requests]
         chunks = _split(reqs, self._chunk_size(len(reqs), _LOGLIKELIHOOD_CHUNK))
-        results = await self._fan_out("loglikelihood", chunks, (), progress=progress, unit="request")
+        results = await self._fan_out("loglikelihood", chunks, (greedy,), progress=progress, unit="request")
         return [r for part in results for r in part]
 
     def _chunk_size(self, n: int, limit: int) -> int:

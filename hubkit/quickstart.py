@@ -77,7 +77,9 @@ def run_quickstart(
     from hubkit.engine import choose_backend
 
     backend = choose_backend(path, backend)
-    console.print(f"[bold]hubkit quickstart[/bold]: model [cyan]{path}[/cyan], backend {backend}, {replicas} actor(s)")
+    console.print(
+        f"[bold]hubkit quickstart[/bold]: model [cyan]{path}[/cyan], backend {backend}, {replicas} actor(s)"
+    )
     t0 = time.perf_counter()
     with EnginePool(path, backend=backend, replicas=replicas, address=address) as pool:
         load_seconds = time.perf_counter() - t0
@@ -85,8 +87,9 @@ def run_quickstart(
         t1 = time.perf_counter()
         completions = tuple(pool.generate(list(prompts), params, progress=True))
         generate_seconds = time.perf_counter() - t1
-    result = QuickstartResult(model=path, completions=completions, load_seconds=load_seconds,
-                              generate_seconds=generate_seconds)
+    result = QuickstartResult(
+        model=path, completions=completions, load_seconds=load_seconds, generate_seconds=generate_seconds
+    )
     table = Table(title="Korean continuations", show_lines=True)
     table.add_column("prompt", style="bold")
     table.add_column("continuation")

@@ -129,7 +129,9 @@ def read_metrics(run_dir: Path) -> RunMetrics:
     """
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
-        raise DataError(f"{run_dir} is not a hubkit run folder (no {METRICS_FILE}); pass the --out of `hubkit score`")
+        raise DataError(
+            f"{run_dir} is not a hubkit run folder (no {METRICS_FILE}); pass the --out of `hubkit score`"
+        )
     raw = json.loads(path.read_text(encoding="utf-8"))
     schema = raw.get("schema", "")
     if schema.split("/")[0] != RUN_SCHEMA.split("/")[0] or schema.split("/")[-1] != RUN_SCHEMA.split("/")[-1]:

@@ -609,7 +609,7 @@ class _JobRun:
             flat = [p for _, _, pairs in pending for p in pairs]
             try:
                 self.requests += len(flat)
-                results = await self.pool.aloglikelihood(_requests(flat))
+                results = await self.pool.aloglikelihood(_requests(flat), greedy=False)
             except InvalidRequestError:
                 # One bad row refused the whole batch: score row by row to find it and keep the rest.
                 results = None
@@ -636,7 +636,7 @@ class _JobRun:
     async def _score_one(self, pairs: list[tuple[str, str]]) -> list[Any] | InvalidRequestError:
         try:
             self.requests += len(pairs)
-            return await self.pool.aloglikelihood(_requests(pairs))
+            return await self.pool.aloglikelihood(_requests(pairs), greedy=False)
         except InvalidRequestError as exc:
             return exc
 

@@ -817,13 +817,19 @@ class HubkitServer:
         replicas: int,
         engine_options: dict[str, Any] | None,
         served_model_name: str,
+        adapter: str | None = None,
     ) -> None:
         from hubkit.pool import EnginePool
 
         # The pool constructor blocks until its actors hold loaded engines; keep the replica's event
         # loop free meanwhile.
         self._pool = await asyncio.to_thread(
-            EnginePool, model, backend=backend, replicas=replicas, engine_options=engine_options
+            EnginePool,
+            model,
+            backend=backend,
+            replicas=replicas,
+            engine_options=engine_options,
+            adapter=adapter,
         )
         self._tokenizer = await asyncio.to_thread(load_tokenizer, model)
         self._served_model_name = served_model_name
@@ -904,6 +910,7 @@ def serve(
     port: int = 8000,
     served_model_name: str | None = None,
     engine_options: dict[str, Any] | None = None,
+    adapter: str | None = None,
     blocking: bool = True,
     print_fn: Callable[..., None] = print,
 ) -> str:
@@ -919,6 +926,8 @@ def serve(
         port: HTTP port.
         served_model_name: Name clients put in ``model``; default: the folder name (or the Hub id).
         engine_options: Extra backend options (e.g. ``{"dtype": "float32"}``).
+        adapter: A PEFT prompt-tuning folder (``hubkit tune``) every engine applies: its soft prompt
+            goes before every prompt the API receives, for completions, chat and log-likelihoods.
         blocking: Wait until Ctrl-C, then delete the app and disconnect; False returns once serving.
         print_fn: Where the URL and example command are printed.
 
@@ -936,6 +945,10 @@ def serve(
     from hubkit.pool import connect
 
     backend = choose_backend(model, backend)  # vllm asked for a T5 fails here, before Serve starts
+    if adapter is not None:  # a bad adapter fails here in one line, and actors get an absolute path
+        from hubkit.adapters import load_prompt_adapter
+
+        adapter = load_prompt_adapter(adapter).path
     name = served_model_name or default_served_model_name(model)
     connect(address)
     # On a local Ray the proxy binds here, so a taken port can be reported now instead of as a proxy
@@ -945,7 +958,12 @@ def serve(
     ray_serve.start(http_options={"host": host, "port": port})
     t0 = time.perf_counter()
     app = _deployment().bind(
-        model, backend=backend, replicas=replicas, engine_options=engine_options, served_model_name=name
+        model,
+        backend=backend,
+        replicas=replicas,
+        engine_options=engine_options,
+        served_model_name=name,
+        adapter=adapter,
     )
     with _sigterm_as_interrupt():
         try:

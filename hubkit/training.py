@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubkit.errors import DataError, InvalidRequestError
+from hubkit.runs import CHECKPOINTS, append_jsonl, command_line, library_versions, list_checkpoints
 
 if TYPE_CHECKING:
     import torch
@@ -39,7 +40,6 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 LOG_FILE = "train_log.jsonl"
 TRAINING_FILE = "training.json"
-CHECKPOINTS = "checkpoints"
 
 #: Model families ``train-lm`` trains: decoders on next-token prediction, byte-level T5 on span corruption.
 ARCHS = ("neox", "t5-byte")
@@ -831,28 +831,6 @@ def _lr_lambda(config: TrainConfig):
     return factor
 
 
-def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    root = out / CHECKPOINTS
-    found = []
-    if root.is_dir():
-        for d in root.iterdir():
-            if (
-                d.is_dir()
-                and d.name.startswith("step-")
-                and d.name[5:].isdigit()
-                and (d / "state.json").is_file()
-            ):
-                found.append((int(d.name[5:]), d))
-    return sorted(found)
-
-
-def _command_line() -> str:
-    argv = list(sys.argv)
-    if argv and Path(argv[0]).name == "hubkit":
-        return shlex.join(["hubkit", *argv[1:]])
-    return shlex.join([Path(sys.executable).name, *argv])
-
-
 def _eval_row(ev: Perplexity, state: _State) -> dict[str, Any]:
     return {
         "type": "eval",
@@ -863,11 +841,6 @@ def _eval_row(ev: Perplexity, state: _State) -> dict[str, Any]:
         "tokens": state.tokens,
         "elapsed": round(state.elapsed, 3),
     }
-
-
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 @dataclass
@@ -912,7 +885,7 @@ def _save_checkpoint(
     (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # a checkpoint exists only once complete: a kill mid-save leaves the previous one
-    for _, old in _checkpoints(out)[: -config.keep_checkpoints]:
+    for _, old in list_checkpoints(out)[: -config.keep_checkpoints]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -953,7 +926,7 @@ def train_lm(config: TrainConfig) -> TrainResult:
     config.validate()
     wall_start = time.perf_counter()
     out = Path(config.out).expanduser()
-    checkpoints = _checkpoints(out)
+    checkpoints = list_checkpoints(out)
     if config.resume and not checkpoints:
         raise InvalidRequestError(
             f"nothing to resume in {out}: it has no checkpoints/step-N; run without --resume"
@@ -1113,7 +1086,7 @@ def train_lm(config: TrainConfig) -> TrainResult:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{tokens_per_step / dt:,.0f}", refresh=False)
                 if state.step % config.log_every == 0 or state.step == stop:
-                    _append_jsonl(
+                    append_jsonl(
                         log_path,
                         {
                             "type": "train",
@@ -1134,7 +1107,7 @@ def train_lm(config: TrainConfig) -> TrainResult:
                     _save_checkpoint(out, config, state, model, optimizer, scheduler, order)
                     if eval_docs:
                         ev = _heldout(model, tokenizer, eval_docs[: config.eval_docs_during], config)
-                        _append_jsonl(log_path, _eval_row(ev, state))
+                        append_jsonl(log_path, _eval_row(ev, state))
                         bar.write(
                             f"step {state.step}: held-out {_eval_metric(config)} {ev.perplexity:.2f} "
                             f"({ev.documents} docs), checkpoint saved"
@@ -1166,10 +1139,10 @@ def train_lm(config: TrainConfig) -> TrainResult:
         ev = None
         if eval_docs:
             ev = _heldout(model, tokenizer, eval_docs, config)
-            _append_jsonl(log_path, _eval_row(ev, state))
+            append_jsonl(log_path, _eval_row(ev, state))
         result = TrainResult(finished=True, eval=ev, **common)
         training = {
-            "command": _command_line(),
+            "command": command_line(),
             "config": config.to_json(),
             "preset": config.preset,
             "optimizer": type(optimizer).__name__,
@@ -1191,7 +1164,7 @@ def train_lm(config: TrainConfig) -> TrainResult:
             "tokenizer": _tokenizer_info(tokenizer, model, config),
             "threads": threads,
             "autocast_bf16": use_autocast,
-            "versions": _versions(),
+            "versions": library_versions(),
         }
         if spans is not None:
             plan = span_plan(
@@ -1271,21 +1244,6 @@ def cpu_has_native_bf16() -> bool:
 def _as_tuple(value: Any) -> Any:
     # random.setstate needs tuples; serialisation may hand lists back.
     return tuple(_as_tuple(v) for v in value) if isinstance(value, list | tuple) else value
-
-
-def _versions() -> dict[str, str]:
-    import tokenizers
-    import torch
-    import transformers
-
-    from hubkit import __version__
-
-    return {
-        "hubkit": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "tokenizers": tokenizers.__version__,
-    }
 
 
 def _save_final(out: Path, model, tokenizer, config: TrainConfig) -> None:

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from hubkit.errors import DataError, InvalidRequestError
-from hubkit.training import CHECKPOINTS, _checkpoints  # laid out like train-lm's: step-N/ + state.json
+from hubkit.runs import CHECKPOINTS, append_jsonl, command_line, library_versions, list_checkpoints
 
 if TYPE_CHECKING:
     import torch
@@ -987,7 +987,7 @@ def tune(config: TuneConfig) -> TuneResult:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
         state = _State()
         log_path = out / LOG_FILE
-        checkpoints = _checkpoints(out)
+        checkpoints = list_checkpoints(out)
         resumed = bool(checkpoints)
         if checkpoints:
             state = _load_checkpoint(
@@ -1040,7 +1040,7 @@ def tune(config: TuneConfig) -> TuneResult:
                     refresh=False,
                 )
                 if state.step % config.log_every == 0 or state.step == total:
-                    _append_jsonl(
+                    append_jsonl(
                         log_path,
                         {
                             "type": "train",
@@ -1067,7 +1067,7 @@ def tune(config: TuneConfig) -> TuneResult:
                         state.bad_evals += 1
                         if config.patience and state.bad_evals >= config.patience:
                             state.stopped_early = state.step < total
-                    _append_jsonl(
+                    append_jsonl(
                         log_path,
                         {
                             "type": "eval",
@@ -1385,7 +1385,7 @@ def _save_checkpoint(
     (tmp / "state.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)  # complete or absent: a kill mid-save leaves the previous checkpoint
-    for _, old in _checkpoints(out)[:-1]:
+    for _, old in list_checkpoints(out)[:-1]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -1421,11 +1421,6 @@ def _truncate_log(path: Path, step: int) -> None:
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
-def _append_jsonl(path: Path, row: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def _fingerprint(config: TuneConfig, resolved: str) -> str:
     values = {k: v for k, v in config.to_json().items() if k not in _NOT_FINGERPRINTED}
     values["model"] = resolved
@@ -1448,7 +1443,7 @@ def _digest(path: Path) -> str:
 def _open_out(out: Path, fingerprint: str, *, overwrite: bool) -> str:
     """'fresh', 'resume' or 'finished'; refuses (or with overwrite clears) a folder holding another run."""
     tuning = out / TUNING_FILE
-    checkpoints = _checkpoints(out)
+    checkpoints = list_checkpoints(out)
     found = None
     if tuning.is_file():
         found = json.loads(tuning.read_text(encoding="utf-8")).get("fingerprint")
@@ -1513,13 +1508,12 @@ def _write_tuning_json(
     fingerprint: str,
     wall_seconds: float,
 ) -> None:
-    from hubkit.training import _command_line, _versions
 
     eval_metrics = result.eval.results[0].metrics if result.eval is not None and result.eval.results else None
     record = {
         "schema": TUNING_SCHEMA,
         "fingerprint": fingerprint,
-        "command": _command_line(),
+        "command": command_line(),
         "method": config.method,
         "task": task.name,
         "dataset": task.dataset or task.name,
@@ -1552,7 +1546,7 @@ def _write_tuning_json(
         "learning_rate": config.learning_rate,
         "threads": threads,
         "config": config.to_json(),
-        "versions": _versions() | {"peft": _peft_version()},
+        "versions": library_versions() | {"peft": _peft_version()},
     }
     tmp = out / f".{TUNING_FILE}.tmp"
     tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -400,3 +400,48 @@ def test_the_sentiment_demo_engine_takes_an_adapter(
     want = run(tf_adapter.loglikelihood(sentiment_requests(reviews)))
     got = [lp for r in results for lp in r.loglikelihoods]
     assert got == pytest.approx([w.logprob for w in want], abs=1e-4)
+
+
+@pytest.mark.slow
+def test_hubkit_serve_applies_the_adapter_over_http(
+    tiny_model_dir: Path, adapter_dir: Path, tf_adapter: Any
+) -> None:
+    """`hubkit serve MODEL --adapter DIR`: HTTP scores and completions carry the soft prompt."""
+    import socket
+
+    import httpx
+    import ray
+    from ray import serve as ray_serve
+
+    from hubkit.serving import serve, shutdown
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_was_up = ray.is_initialized()
+    url = serve(str(tiny_model_dir), port=port, adapter=str(adapter_dir), engine_options={"dtype": "float32"},
+                blocking=False, print_fn=lambda *a: None)  # fmt: skip
+    try:
+        reqs = _nsmc_requests(_rows(6))  # 3 rows scored (the last 3 are the shots), 12 pairs
+        body = {"requests": [{"context": r.context, "continuation": r.continuation} for r in reqs]}
+        response = httpx.post(f"{url}/v1/loglikelihood", json=body, timeout=120)
+        assert response.status_code == 200, response.text
+        reference = run(tf_adapter.loglikelihood(reqs))
+        for got, want in zip(response.json()["data"], reference, strict=True):
+            assert got["logprob"] == pytest.approx(want.logprob, abs=1e-3)
+        # ... and they are not the bare model's scores: the soft prompt reached the engines.
+        from hubkit.backends.transformers import TransformersBackend
+
+        bare = TransformersBackend(str(tiny_model_dir), dtype="float32")
+        plain = run(bare.loglikelihood(reqs))
+        bare.shutdown()
+        assert max(abs(p.logprob - w.logprob) for p, w in zip(plain, reference, strict=True)) > 1e-2
+        body = {"prompt": "이 영화 정말", "max_tokens": 8, "temperature": 0}
+        completion = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        expected = run(tf_adapter.generate("이 영화 정말", SamplingParams(temperature=0.0, max_tokens=8)))
+        assert completion["choices"][0]["text"] == expected.text
+    finally:
+        shutdown()
+        ray_serve.shutdown()
+        if not ray_was_up:
+            ray.shutdown()

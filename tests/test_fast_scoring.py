@@ -51,6 +51,13 @@ def test_branching_continuations_get_one_chain_per_branch() -> None:
     assert p.steps[3] == ((0, 0),)
 
 
+def test_without_greedy_flags_chains_skip_their_reports() -> None:
+    # greedy=False (how `hubkit score` asks): the same reads, one decode step fewer per branching node.
+    with_flags, without = plan([10], [11, 12]), plan([10], [11, 12], greedy=False)
+    assert without.chains == (Chain(CTX, (11,), (10, 11, 12), report=()),)
+    assert without.steps == with_flags.steps
+
+
 def test_a_single_choice_needs_no_greedy_reports() -> None:
     # Only the forced token is read at each forced step, so its rank says whether it is greedy.
     assert plan([1, 2, 3]).chains == (Chain(CTX, (1, 2), (1, 2, 3), ()),)
@@ -242,6 +249,12 @@ def test_fast_path_equals_prompt_logprobs_and_transformers(vllm_backend, tf_back
     assert fast[-1].is_greedy and not all(f.is_greedy for f in fast)
     (alone,) = run(vllm_backend.loglikelihood([greedy]))
     assert alone.is_greedy and alone.logprob == pytest.approx(fast[-1].logprob, abs=1e-5)
+    # Without greedy flags: the same log-probs, is_greedy left out, on both backends.
+    for backend, expected in ((vllm_backend, fast), (tf_backend, reference)):
+        bare = run(backend.loglikelihood(reqs, greedy=False))
+        assert [b.is_greedy for b in bare] == [None] * len(reqs)
+        assert [b.num_tokens for b in bare] == [e.num_tokens for e in expected]
+        assert max(abs(b.logprob - e.logprob) for b, e in zip(bare, expected, strict=True)) < 1e-5
 
 
 @pytest.mark.slow

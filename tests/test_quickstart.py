@@ -19,7 +19,11 @@ def test_quickstart_generates_korean_and_publishes(tmp_path: Path) -> None:
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.run(
         [sys.executable, "-m", "hubkit.cli", "quickstart"],
-        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
     )
     out = proc.stdout
     assert proc.returncode == 0, f"quickstart failed:\n{out[-3000:]}\n{proc.stderr[-3000:]}"

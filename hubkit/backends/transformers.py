@@ -20,7 +20,7 @@ import random
 import threading
 import warnings
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
 from hubkit.engine import (
@@ -388,12 +388,18 @@ class TransformersBackend:
         prepared = self._prepare(prompt, params)
         return self._stream(prepared)
 
-    async def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
-        """Scores each (context, continuation) pair as lm-eval's HFLM does; results in request order."""
+    async def loglikelihood(
+        self, requests: Sequence[LoglikelihoodRequest], *, greedy: bool = True
+    ) -> list[Loglikelihood]:
+        """Scores each (context, continuation) pair as lm-eval's HFLM does; results in request order.
+
+        ``greedy=False`` reports ``is_greedy`` as None (it costs this backend nothing either way).
+        """
         encoded = self._encode_requests(requests)
         if not encoded:
             return []
-        return await asyncio.to_thread(self._locked, self._score, encoded)
+        results = await asyncio.to_thread(self._locked, self._score, encoded)
+        return results if greedy else [replace(r, is_greedy=None) for r in results]
 
     async def prompt_logprobs(
         self, token_ids: Sequence[int], *, top: int = 0, max_tokens: int = 0

@@ -34,7 +34,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from hubkit.backends.transformers import (
@@ -208,11 +208,6 @@ class VLLMBackend:
             # vLLM's offline default (its engine default on CPU is 128): a deeper running batch is most of
             # what continuous batching buys on CPU, where the model step dominates.
             engine_options.setdefault("max_num_seqs", 256)
-        # vLLM's engine processes read their core binding from the environment they are spawned with. An
-        # explicit VLLM_CPU_OMP_THREADS_BIND (a pool replica's share, or the user's) wins.
-        binding = None
-        if current_platform.is_cpu() and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            binding = cpu_binding(0, 1, node_cpus())
         # Scoring chains walk down choice tokens with this logits processor. vLLM refuses custom logits
         # processors with speculative decoding; scoring then reads one position per request.
         self._forcing = not engine_options.get("speculative_config")
@@ -249,7 +244,7 @@ class VLLMBackend:
         self._loop = _EngineLoop(f"hubkit-vllm-{_short(resolved)}")
         started = time.perf_counter()
         try:
-            with _spawn_env("VLLM_CPU_OMP_THREADS_BIND", binding):
+            with all_cores_binding() if current_platform.is_cpu() else contextlib.nullcontext():
                 self._engine = self._loop.submit(_start_engine(args)).result()
         except BaseException as exc:
             self._loop.stop()
@@ -312,7 +307,9 @@ class VLLMBackend:
         sampling = _to_vllm(params, RequestOutputKind.DELTA)
         return self._stream(ids, prompt, sampling)
 
-    async def loglikelihood(self, requests: Sequence[LoglikelihoodRequest]) -> list[Loglikelihood]:
+    async def loglikelihood(
+        self, requests: Sequence[LoglikelihoodRequest], *, greedy: bool = True
+    ) -> list[Loglikelihood]:
         """Scores each (context, continuation) pair like lm-eval; all pairs go to vLLM at once.
 
         Inputs longer than the context are cut from the left, keeping the last ``max_model_len - 1``
@@ -343,8 +340,9 @@ class VLLMBackend:
             max_model_len=self.max_model_len,
             forcing=self._forcing,
             fast_path=self.fast_scoring,
+            greedy=greedy,
         )
-        return await self._call(_run_plan(engine, inputs, plan, soft_prompt=self._soft_prompt))
+        return await self._call(_run_plan(engine, inputs, plan, soft_prompt=self._soft_prompt, greedy=greedy))
 
     async def prompt_logprobs(
         self, token_ids: Sequence[int], *, top: int = 0, max_tokens: int = 0
@@ -551,6 +549,7 @@ def plan_scoring(
     max_model_len: int,
     forcing: bool = True,
     fast_path: bool = True,
+    greedy: bool = True,
 ) -> ScoringPlan:
     """Chooses, for each group of inputs sharing a context, the cheaper of two exact ways to score it.
 
@@ -577,6 +576,7 @@ def plan_scoring(
         max_model_len: The engine's context length (a chain's prompt plus its generated tokens).
         forcing: Whether the engine has the ForcedTokens logits processor.
         fast_path: False sends everything through prompt log-probs.
+        greedy: False: the caller does not need ``is_greedy``, so chains skip their report steps.
     """
     if not fast_path:
         return ScoringPlan((), {}, tuple(range(len(inputs))))
@@ -599,7 +599,9 @@ def plan_scoring(
                     targets[token] = None
                     where[node, token] = (len(group), position)
             forced = tuple(trie.token[n] for n in nodes[1:])
-            report = tuple(k for k, node in enumerate(nodes[:-1]) if len(trie.wanted[node]) > 1)
+            report = (
+                tuple(k for k, node in enumerate(nodes[:-1]) if len(trie.wanted[node]) > 1) if greedy else ()
+            )
             group.append(Chain(context + trie.path(nodes[0]), forced, tuple(targets), report))
             cost += _REQUEST_COST + _DECODE_COST * (len(forced) + len(report))
             cost += _prefix_cost(len(context), trie.depth[nodes[0]], block_size, prefix_caching)
@@ -714,7 +716,12 @@ def _prefix_cost(context_len: int, depth: int, block_size: int, prefix_caching: 
 
 
 async def _run_plan(
-    engine: AsyncLLM, inputs: Sequence[tuple[list[int], int]], plan: ScoringPlan, *, soft_prompt: Any = None
+    engine: AsyncLLM,
+    inputs: Sequence[tuple[list[int], int]],
+    plan: ScoringPlan,
+    *,
+    soft_prompt: Any = None,
+    greedy: bool = True,
 ) -> list[Loglikelihood]:
     results: list[Loglikelihood | None] = [None] * len(inputs)
     reads: list[list[tuple[dict[int, float], int]] | None] = [None] * len(plan.chains)
@@ -723,7 +730,8 @@ async def _run_plan(
         reads[c] = await _read_chain(engine, plan.chains[c], soft_prompt=soft_prompt)
 
     async def by_prompt(i: int) -> None:
-        results[i] = await _prompt_logprobs_score(engine, *inputs[i], soft_prompt=soft_prompt)
+        result = await _prompt_logprobs_score(engine, *inputs[i], soft_prompt=soft_prompt)
+        results[i] = result if greedy else replace(result, is_greedy=None)
 
     # Submitted in plan order (a context's first chain before the chains that read its KV blocks from
     # the prefix cache), which vLLM's first-come-first-served scheduler keeps.
@@ -733,12 +741,14 @@ async def _run_plan(
     )
     for i, where in plan.steps.items():
         tokens, ctxlen = inputs[i]
-        total, greedy = 0.0, True
+        total, is_greedy = 0.0, True
         for token, (c, position) in zip(tokens[ctxlen:], where, strict=True):
             logprobs, argmax = reads[c][position]  # type: ignore[index]
             total += logprobs[token]
-            greedy = greedy and token == argmax
-        results[i] = Loglikelihood(logprob=total, is_greedy=greedy, num_tokens=len(where))
+            is_greedy = is_greedy and token == argmax
+        results[i] = Loglikelihood(
+            logprob=total, is_greedy=is_greedy if greedy else None, num_tokens=len(where)
+        )
     return results  # type: ignore[return-value]
 
 
@@ -840,12 +850,19 @@ async def _cancel_other_tasks() -> None:
 
 
 @contextlib.contextmanager
-def _spawn_env(name: str, value: str | None) -> Iterator[None]:
-    """Sets ``name`` for the processes started inside the block only (None: leaves it alone)."""
-    if value is None:
+def all_cores_binding() -> Iterator[None]:
+    """vLLM CPU engines started inside the block compute on every core of this process.
+
+    vLLM's engine processes read ``VLLM_CPU_OMP_THREADS_BIND`` from the environment they are spawned
+    with; its "auto" keeps one core of two for its scheduler. An explicit setting (a pool replica's share,
+    the user's) is left alone, and so is a one-core machine.
+    """
+    name = "VLLM_CPU_OMP_THREADS_BIND"
+    binding = None if name in os.environ else cpu_binding(0, 1, node_cpus())
+    if binding is None:
         yield
         return
-    os.environ[name] = value
+    os.environ[name] = binding
     try:
         yield
     finally:
