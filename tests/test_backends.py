@@ -290,6 +290,10 @@ def test_greedy_generation_matches_transformers_token_for_token(vllm_backend, tf
     assert same_text >= 1
     # One at a time gives the same as batched.
     assert run(vllm_backend.generate(KOREAN_PROMPTS[0], GREEDY_24)) == from_vllm[0]
+    # ... and so does the list form (one hop to the engine loop for all prompts).
+    assert run(vllm_backend.generate_many(KOREAN_PROMPTS, GREEDY_24)) == from_vllm
+    with pytest.raises(InvalidRequestError, match="empty"):
+        run(vllm_backend.generate_many([KOREAN_PROMPTS[0], ""], GREEDY_24))
 
 
 @pytest.mark.slow

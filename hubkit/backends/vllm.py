@@ -286,14 +286,39 @@ class VLLMBackend:
                 final = out
             return final
 
-        out = await self._call(run())
-        choice = out.outputs[0]
-        return Completion(
-            text=choice.text,
-            token_ids=tuple(choice.token_ids),
-            prompt_tokens=len(ids),
-            finish_reason=_finish_reason(choice.finish_reason),
-        )
+        return _completion(await self._call(run()), len(ids))
+
+    async def generate_many(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
+        """Generates a continuation of each prompt; vLLM batches them. Results in prompt order.
+
+        Same as gathering :meth:`generate` over the prompts, with one hop to the engine's event loop for
+        the whole list instead of one per prompt (measurable when outputs are a few tokens long). Every
+        prompt is checked before any reaches the engine; if one request fails, the others are aborted.
+        """
+        from vllm.sampling_params import RequestOutputKind
+
+        prepared = [self._prepare(prompt, params) for prompt in prompts]
+        sampling = _to_vllm(params, RequestOutputKind.FINAL_ONLY)  # shared, as vllm.LLM.generate does
+        engine = self._require_engine()
+
+        async def one(ids: list[int], prompt: str) -> Any:
+            final = None
+            async for out in engine.generate(self._input(ids, prompt), sampling, _request_id()):
+                final = out
+            return final
+
+        async def run_all() -> list[Any]:
+            tasks = [asyncio.ensure_future(one(ids, p)) for ids, p in zip(prepared, prompts, strict=True)]
+            try:
+                return await asyncio.gather(*tasks)
+            except BaseException:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                raise
+
+        outs = await self._call(run_all())
+        return [_completion(out, len(ids)) for out, ids in zip(outs, prepared, strict=True)]
 
     def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[CompletionChunk]:
         """Generates one continuation and yields text deltas as vLLM produces them.
@@ -847,6 +872,16 @@ async def _cancel_other_tasks() -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _completion(out: Any, prompt_tokens: int) -> Completion:
+    choice = out.outputs[0]
+    return Completion(
+        text=choice.text,
+        token_ids=tuple(choice.token_ids),
+        prompt_tokens=prompt_tokens,
+        finish_reason=_finish_reason(choice.finish_reason),
+    )
 
 
 @contextlib.contextmanager

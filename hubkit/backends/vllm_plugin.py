@@ -27,3 +27,4 @@ def register() -> None:
 
     for architecture, implementation in NATIVE_MODELS.items():
         ModelRegistry.register_model(architecture, implementation)
+
