@@ -27,4 +27,3 @@ def register() -> None:
 
     for architecture, implementation in NATIVE_MODELS.items():
         ModelRegistry.register_model(architecture, implementation)
-
