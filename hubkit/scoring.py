@@ -666,8 +666,8 @@ def _scored_record(
     labels = task.labels(len(doc.choices))
     # acc_norm as lm-eval computes it: log-likelihood divided by the choice's length in characters.
     norm = [ll / max(1, len(c)) for ll, c in zip(lls, doc.choices, strict=True)]
-    pred = _argmax(lls)
-    pred_norm = _argmax(norm)
+    pred = argmax(lls)
+    pred_norm = argmax(norm)
     return _record(
         row_id=doc.row_id,
         id=doc.id,
@@ -718,8 +718,8 @@ def _record(**values: Any) -> dict[str, Any]:
     return {name: values.get(name) for name in PREDICTION_COLUMNS}
 
 
-def _argmax(values: Sequence[float]) -> int:
-    # numpy's argmax: the first of equal maxima.
+def argmax(values: Sequence[float]) -> int:
+    """Index of the highest value, the first of equal maxima (numpy's and lm-eval's ``acc`` choice)."""
     best = 0
     for i, v in enumerate(values):
         if v > values[best]:
@@ -933,7 +933,7 @@ def _shot_result(task: TaskSpec, frame: Any, shots: int) -> ShotResult:
     width = max([len(c) for c in labelled["choices"]], default=task.num_choices or 2)
     labels = task.labels(width)
     acc, f1_macro, per_class, confusion = classification_scores(golds, preds, labels)
-    norm_preds = [_argmax(list(v)) for v in labelled["loglikelihoods_norm"]]
+    norm_preds = [argmax(list(v)) for v in labelled["loglikelihoods_norm"]]
     acc_norm = (
         sum(int(p == g) for p, g in zip(norm_preds, golds, strict=True)) / len(golds)
         if golds

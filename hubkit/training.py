@@ -644,6 +644,25 @@ def document_examples(docs: Sequence[str], *, raw_length: int) -> list[bytes]:
     return examples
 
 
+def _pad_span_pairs(
+    pairs: Sequence[tuple[list[int], list[int]]],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(input ids, attention mask, labels) tensors for (input, target) pairs: inputs padded with the pad
+    byte, labels with -100 (ignored by the loss)."""
+    import torch
+
+    width = max(len(p[0]) for p in pairs)
+    twidth = max(len(p[1]) for p in pairs)
+    inputs = torch.full((len(pairs), width), BYTE_PAD_ID, dtype=torch.long)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    targets = torch.full((len(pairs), twidth), -100, dtype=torch.long)
+    for i, (inp, tgt) in enumerate(pairs):
+        inputs[i, : len(inp)] = torch.tensor(inp)
+        mask[i, : len(inp)] = 1
+        targets[i, : len(tgt)] = torch.tensor(tgt)
+    return inputs, mask, targets
+
+
 class _SpanBatches:
     """Span-corrupted batches of byte examples: a pure function of the step, like `_BatchOrder`."""
 
@@ -652,7 +671,6 @@ class _SpanBatches:
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """(inputs, attention mask, targets with -100 padding, text bytes in the batch) of ``step``."""
-        import torch
 
         # Its own seeded stream per step (not the global RNG): a resumed run masks exactly the same bytes.
         rng = random.Random(self.config.seed * 1_000_003 + step)
@@ -666,15 +684,7 @@ class _SpanBatches:
             )
             for row in rows
         ]
-        width = max(len(p[0]) for p in pairs)
-        twidth = max(len(p[1]) for p in pairs)
-        inputs = torch.full((len(pairs), width), BYTE_PAD_ID, dtype=torch.long)
-        mask = torch.zeros((len(pairs), width), dtype=torch.long)
-        targets = torch.full((len(pairs), twidth), -100, dtype=torch.long)
-        for i, (inp, tgt) in enumerate(pairs):
-            inputs[i, : len(inp)] = torch.tensor(inp)
-            mask[i, : len(inp)] = 1
-            targets[i, : len(tgt)] = torch.tensor(tgt)
+        inputs, mask, targets = _pad_span_pairs(pairs)
         return inputs, mask, targets, sum(len(self.examples[row]) for row in rows)
 
 
@@ -719,15 +729,7 @@ def heldout_span_loss(
         with torch.no_grad():
             for start in range(0, len(order), batch_size):
                 batch = [pairs[i] for i in order[start : start + batch_size]]
-                width = max(len(p[0]) for p in batch)
-                twidth = max(len(p[1]) for p in batch)
-                ids = torch.full((len(batch), width), BYTE_PAD_ID, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                labels = torch.full((len(batch), twidth), -100, dtype=torch.long)
-                for row, (inp, tgt) in enumerate(batch):
-                    ids[row, : len(inp)] = torch.tensor(inp)
-                    mask[row, : len(inp)] = 1
-                    labels[row, : len(tgt)] = torch.tensor(tgt)
+                ids, mask, labels = _pad_span_pairs(batch)
                 # -100 labels become pad in the decoder input (T5 shifts labels right itself).
                 logits = model(input_ids=ids, attention_mask=mask, labels=labels).logits
                 batch_nll, batch_count = _summed_nll(logits, labels)

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hubkit.errors import DataError, InvalidRequestError
 from hubkit.runs import CHECKPOINTS, append_jsonl, command_line, library_versions, list_checkpoints
+from hubkit.scoring import argmax  # the choice lm-eval's acc counts: first of equal maxima
 
 if TYPE_CHECKING:
     import torch
@@ -600,18 +601,10 @@ def _accuracy(examples: Sequence[Example], scores: Sequence[Sequence[float]]) ->
         if ex.gold is None:
             continue
         n += 1
-        right += int(_argmax(s) == ex.gold)
+        right += int(argmax(s) == ex.gold)
         top = max(s)
         loss += top + math.log(sum(math.exp(v - top) for v in s)) - s[ex.gold]
     return (right / n, loss / n) if n else (float("nan"), float("nan"))
-
-
-def _argmax(values: Sequence[float]) -> int:
-    best = 0
-    for i, v in enumerate(values):
-        if v > values[best]:
-            best = i
-    return best
 
 
 # --------------------------------------------------------------------------------------------- run folders
@@ -655,7 +648,7 @@ def write_run(
         doc = encoded.docs[ex.row_id]
         labels = task.labels(len(doc.choices))
         norm = [ll / max(1, len(c)) for ll, c in zip(lls, doc.choices, strict=True)]
-        pred, pred_norm = _argmax(lls), _argmax(norm)
+        pred, pred_norm = argmax(lls), argmax(norm)
         records.append(
             {
                 "row_id": ex.row_id,
@@ -699,10 +692,10 @@ def write_run(
 
     labelled = [(ex, s) for ex, s in zip(encoded.examples, scores, strict=True) if ex.gold is not None]
     golds = [ex.gold for ex, _ in labelled]
-    preds = [_argmax(s) for _, s in labelled]
+    preds = [argmax(s) for _, s in labelled]
     acc, f1_macro, per_class, confusion = classification_scores(golds, preds, labels_default)
     norm_right = [
-        _argmax([v / max(1, len(c)) for v, c in zip(s, encoded.docs[ex.row_id].choices, strict=True)])
+        argmax([v / max(1, len(c)) for v, c in zip(s, encoded.docs[ex.row_id].choices, strict=True)])
         == ex.gold
         for ex, s in labelled
     ]
