@@ -278,15 +278,7 @@ class VLLMBackend:
 
         ids = self._prepare(prompt, params)
         sampling = _to_vllm(params, RequestOutputKind.FINAL_ONLY)
-        engine = self._require_engine()
-
-        async def run() -> Any:
-            final = None
-            async for out in engine.generate(self._input(ids, prompt), sampling, _request_id()):
-                final = out
-            return final
-
-        return _completion(await self._call(run()), len(ids))
+        return _completion(await self._call(self._final_output(ids, prompt, sampling)), len(ids))
 
     async def generate_many(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
         """Generates a continuation of each prompt; vLLM batches them. Results in prompt order.
@@ -299,16 +291,12 @@ class VLLMBackend:
 
         prepared = [self._prepare(prompt, params) for prompt in prompts]
         sampling = _to_vllm(params, RequestOutputKind.FINAL_ONLY)  # shared, as vllm.LLM.generate does
-        engine = self._require_engine()
-
-        async def one(ids: list[int], prompt: str) -> Any:
-            final = None
-            async for out in engine.generate(self._input(ids, prompt), sampling, _request_id()):
-                final = out
-            return final
 
         async def run_all() -> list[Any]:
-            tasks = [asyncio.ensure_future(one(ids, p)) for ids, p in zip(prepared, prompts, strict=True)]
+            tasks = [
+                asyncio.ensure_future(self._final_output(ids, p, sampling))
+                for ids, p in zip(prepared, prompts, strict=True)
+            ]
             try:
                 return await asyncio.gather(*tasks)
             except BaseException:
@@ -459,6 +447,13 @@ class VLLMBackend:
         ids = list(self._tokenizer.encode(text))
         check_prompt_length(len(ids), params, self.max_model_len)
         return ids
+
+    async def _final_output(self, ids: list[int], prompt: str, sampling: Any) -> Any:
+        """Runs one request on the engine's loop and returns vLLM's final RequestOutput."""
+        final = None
+        async for out in self._require_engine().generate(self._input(ids, prompt), sampling, _request_id()):
+            final = out
+        return final
 
     async def _call(self, coro: Coroutine[Any, Any, T]) -> T:
         try:
