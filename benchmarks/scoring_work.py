@@ -27,14 +27,14 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from scoring import build_pairs, read_nsmc  # noqa: E402  (the benchmark's own prompts)
 
-#: The engine's KV block size for hubkit (``VLLMBackend`` sets 32 on CPU): the prefix cache's granularity.
-BLOCK_SIZE = 32
+from hubkit.backends.vllm import CPU_BLOCK_SIZE  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -64,11 +64,27 @@ class Shape:
         """FLOPs of forwarding positions ``start .. stop-1`` (the KV of earlier positions is cached)."""
         return sum(self.body_flops + self.attention_flops(p) for p in range(start, stop))
 
+    @classmethod
+    def from_config(cls, name: str, config: Any) -> Shape:
+        return cls(
+            name,
+            layers=config.num_hidden_layers,
+            d_model=config.hidden_size,
+            d_ff=config.intermediate_size,
+            vocab=config.vocab_size,
+        )
 
-SHAPES = {
-    "default": Shape("ko-nsmc-neox (7.3M)", layers=4, d_model=256, d_ff=1024, vocab=8000),
-    "neox-25m": Shape("neox-25m (24.0M)", layers=5, d_model=512, d_ff=2048, vocab=8000),
-}
+
+def model_config(name: str, tokenizer: Any) -> Any:
+    """The benchmarked model's config: the shipped default's, or the preset's with the default tokenizer."""
+    from transformers import AutoConfig
+
+    from hubkit.models import resolve_model
+    from hubkit.presets import build_config
+
+    if name == "default":
+        return AutoConfig.from_pretrained(resolve_model("default"))
+    return build_config(name, vocab_size=len(tokenizer))  # as benchmarks/scoring.py's build_25m builds it
 
 
 def count_work(inputs: Sequence[tuple[list[int], int]], shape: Shape, max_model_len: int) -> dict[str, float]:
@@ -78,7 +94,7 @@ def count_work(inputs: Sequence[tuple[list[int], int]], shape: Shape, max_model_
     lm_tokens = sum(len(tokens) for tokens, _ in inputs)
     lm_flops = sum(shape.forward(0, len(tokens)) + len(tokens) * shape.head_flops for tokens, _ in inputs)
     plan = plan_scoring(
-        inputs, block_size=BLOCK_SIZE, prefix_caching=True, max_model_len=max_model_len, greedy=False
+        inputs, block_size=CPU_BLOCK_SIZE, prefix_caching=True, max_model_len=max_model_len, greedy=False
     )
     hub_flops = hub_tokens = 0.0
     cached: set[tuple[int, ...]] = set()  # contexts whose whole blocks an earlier chain computed
@@ -90,7 +106,7 @@ def count_work(inputs: Sequence[tuple[list[int], int]], shape: Shape, max_model_
         start = 0
         for k in (len(prompt), len(prompt) - 1):
             if prompt[:k] in cached:
-                start = (k // BLOCK_SIZE) * BLOCK_SIZE
+                start = (k // CPU_BLOCK_SIZE) * CPU_BLOCK_SIZE
                 break
         start = min(start, len(prompt) - 1)  # vLLM recomputes at least the last prompt token
         cached.update({prompt, key})
@@ -142,7 +158,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from hubkit.backends.transformers import encode_pair
+    from hubkit.backends.vllm import encode_scoring_inputs
     from hubkit.models import resolve_model
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("default"))
@@ -164,21 +180,16 @@ def main() -> None:
     results = []
     for spec in args.rows.split(","):
         name, rows = spec.split("=")
-        shape = SHAPES[name]
-        max_model_len = 512 if name == "default" else 1024
+        config = model_config(name, tokenizer)
+        shape = Shape.from_config(name, config)
+        max_model_len = config.max_position_embeddings
         for shots in [int(s) for s in args.shots.split(",")]:
             pairs, _ = build_pairs(test[: int(rows)], train, shots)
-            window = max_model_len - 1
-            inputs = []
-            for context, continuation in pairs:
-                ctx, cont = encode_pair(tokenizer, context, continuation)
-                tokens = (ctx + cont)[-window:]
-                inputs.append((tokens, len(tokens) - len(cont)))
+            inputs = encode_scoring_inputs(tokenizer, pairs, max_model_len=max_model_len)
             work = count_work(inputs, shape, max_model_len)
             results.append({"model": name, "shots": shots, "rows": int(rows), **work})
-            label = "default" if name == "default" else "neox-25m"
-            x1 = measured.get((label, shots, "hubkit x1"))
-            x2 = measured.get((label, shots, "hubkit x2"))
+            x1 = measured.get((name, shots, "hubkit x1"))
+            x2 = measured.get((name, shots, "hubkit x2"))
             seen = f"{x1:.2f}x / {x2:.2f}x" if x1 and x2 else ""
             lines.append(
                 f"| {shape.name} | {shots} | {rows} | {work['lm_eval_tokens']:,.0f} / {work['hubkit_tokens']:,.0f} | "

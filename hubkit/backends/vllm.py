@@ -65,6 +65,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 _DTYPES = {"auto", "float32", "float", "bfloat16", "float16", "half"}
+
+#: KV block size of hubkit's engines on CPU: the prefix cache's granularity (see VLLMBackend).
+CPU_BLOCK_SIZE = 32
 _request_counter = itertools.count()
 
 
@@ -204,7 +207,7 @@ class VLLMBackend:
             # vLLM's CPU default of 128-token KV blocks makes the prefix cache share only whole
             # 128-token blocks; 32 (the smallest its CPU attention takes) lets the choices of a
             # question reuse their context, and costs generation nothing measurable.
-            engine_options.setdefault("block_size", 32)
+            engine_options.setdefault("block_size", CPU_BLOCK_SIZE)
             # vLLM's offline default (its engine default on CPU is 128): a deeper running batch is most of
             # what continuous batching buys on CPU, where the model step dominates.
             engine_options.setdefault("max_num_seqs", 256)
@@ -331,17 +334,7 @@ class VLLMBackend:
         Requests that share a context (the choices of one multiple-choice question) are scored
         together: see :func:`plan_scoring` for how each group is routed.
         """
-        window = self.max_model_len - 1
-        inputs: list[tuple[list[int], int]] = []
-        for i, req in enumerate(check_loglikelihood_requests(requests)):
-            ctx, cont = encode_pair(self._tokenizer, req.context, req.continuation)
-            if len(cont) > window - 1:
-                raise InvalidRequestError(
-                    f"request {i}: continuation is {len(cont)} tokens but at most {window - 1} fit this "
-                    f"model's context of {self.max_model_len}; score a shorter continuation"
-                )
-            inp = (ctx + cont)[-window:]
-            inputs.append((inp, len(inp) - len(cont)))
+        inputs = encode_scoring_inputs(self._tokenizer, requests, max_model_len=self.max_model_len)
         if not inputs:
             return []
         engine = self._require_engine()
@@ -724,6 +717,37 @@ class _Trie:
                 node = inner[0] if inner else None
             paths.append(path)
         return paths
+
+
+def encode_scoring_inputs(
+    tokenizer: Any, requests: object, *, max_model_len: int
+) -> list[tuple[list[int], int]]:
+    """Tokenizes log-likelihood requests the way the vLLM backend scores them.
+
+    Args:
+        tokenizer: The model's tokenizer.
+        requests: LoglikelihoodRequest objects or (context, continuation) pairs.
+        max_model_len: The engine's context length. Inputs longer than ``max_model_len - 1`` tokens
+            (vLLM needs room for one generated token) are cut from the left, as lm-eval's vLLM backend does.
+
+    Returns:
+        One (tokens, context length) per request, the input of :func:`plan_scoring`.
+
+    Raises:
+        InvalidRequestError: A request is malformed or its continuation does not fit the context.
+    """
+    window = max_model_len - 1
+    inputs: list[tuple[list[int], int]] = []
+    for i, req in enumerate(check_loglikelihood_requests(requests)):
+        ctx, cont = encode_pair(tokenizer, req.context, req.continuation)
+        if len(cont) > window - 1:
+            raise InvalidRequestError(
+                f"request {i}: continuation is {len(cont)} tokens but at most {window - 1} fit this "
+                f"model's context of {max_model_len}; score a shorter continuation"
+            )
+        inp = (ctx + cont)[-window:]
+        inputs.append((inp, len(inp) - len(cont)))
+    return inputs
 
 
 def _prefix_cost(context_len: int, depth: int, block_size: int, prefix_caching: bool) -> float:
