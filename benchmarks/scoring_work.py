@@ -158,6 +158,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
+    from hubkit.backends.transformers import context_length
     from hubkit.backends.vllm import encode_scoring_inputs
     from hubkit.models import resolve_model
 
@@ -182,7 +183,7 @@ def main() -> None:
         name, rows = spec.split("=")
         config = model_config(name, tokenizer)
         shape = Shape.from_config(name, config)
-        max_model_len = config.max_position_embeddings
+        max_model_len = context_length(config, tokenizer)  # the rule VLLMBackend applies
         for shots in [int(s) for s in args.shots.split(",")]:
             pairs, _ = build_pairs(test[: int(rows)], train, shots)
             inputs = encode_scoring_inputs(tokenizer, pairs, max_model_len=max_model_len)
