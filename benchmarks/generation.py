@@ -96,12 +96,12 @@ def bench_vllm_and_pool(
     """bare vLLM and hubkit pools of each size, measured alternately; the median round of each is kept."""
     import vllm
 
-    from hubkit.backends.vllm import all_cores_binding
+    from hubkit.backends.vllm import engine_process_env
     from hubkit.pool import EnginePool
 
     # Bare vLLM computes on the cores hubkit's single engine does (vLLM's own "auto" would use one of
     # two), so that the hubkit / bare ratio measures hubkit's own overhead.
-    with all_cores_binding():
+    with engine_process_env():
         llm = vllm.LLM(model=model, dtype="float32", enforce_eager=True, seed=0, block_size=32)
     vparams = vllm.SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
     llm.generate(prompts[:4], vparams, use_tqdm=False)

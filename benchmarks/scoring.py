@@ -194,11 +194,11 @@ def import_lm_eval_vllm() -> type:
 
 
 def run_lm_eval_vllm(model: str, pairs: list[tuple[str, str]]) -> tuple[float, Scores, float]:
-    from hubkit.backends.vllm import all_cores_binding
+    from hubkit.backends.vllm import engine_process_env
 
     VLLM = import_lm_eval_vllm()
     t0 = time.perf_counter()
-    with all_cores_binding():  # the cores hubkit's single engine computes on (vLLM's "auto": one of two)
+    with engine_process_env():  # the cores hubkit's single engine computes on (vLLM's "auto": one of two)
         lm = VLLM(pretrained=model, dtype="float32", enforce_eager=True, seed=0)
     instances = _instances(pairs)
     lm.loglikelihood(_instances(warmup_pairs(pairs)), disable_tqdm=True)

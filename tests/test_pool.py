@@ -144,6 +144,47 @@ def test_replicas_compute_on_different_cores(pool: Any) -> None:
     assert len(cores) == 2 and cores[0].isdisjoint(cores[1]), cores
 
 
+def test_engine_workers_run_intel_openmp(pool: Any) -> None:
+    # hubkit preloads libiomp5 into the engine processes it spawns (openmp_preload); the actor itself
+    # keeps its own environment.
+    import psutil
+
+    from hubkit.backends.vllm import intel_openmp, openmp_preload
+
+    if intel_openmp() is None or openmp_preload() is None:
+        pytest.skip("no libiomp5 in this environment, or the environment chose another OpenMP runtime")
+    for actor in pool.info()["actors"]:
+        workers = [p for p in psutil.Process(actor["pid"]).children(recursive=True) if "Worker" in p.name()]
+        assert workers
+        for worker in workers:
+            assert any("libiomp5" in m.path for m in worker.memory_maps()), worker.name()
+        assert "libiomp5" not in psutil.Process(actor["pid"]).environ().get("LD_PRELOAD", "")
+
+
+def test_engine_process_env_sets_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hubkit.backends import vllm as backend
+
+    monkeypatch.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.delenv(backend.OPENMP_ENV, raising=False)
+    monkeypatch.setattr(backend, "intel_openmp", lambda: "/env/lib/libiomp5.so")
+    monkeypatch.setattr(backend, "node_cpus", lambda: [0, 1])
+    monkeypatch.setenv("LD_PRELOAD", "/opt/libfoo.so")
+    with backend.engine_process_env():
+        assert os.environ["LD_PRELOAD"] == "/opt/libfoo.so:/env/lib/libiomp5.so"
+        assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0,1"
+    assert os.environ["LD_PRELOAD"] == "/opt/libfoo.so"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in os.environ
+    # The user's own OpenMP runtime, or HUBKIT_VLLM_OPENMP=gnu, keeps vLLM's choice.
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/libgomp.so.1")
+    assert backend.openmp_preload() is None
+    monkeypatch.delenv("LD_PRELOAD")
+    assert backend.openmp_preload() == "/env/lib/libiomp5.so"
+    monkeypatch.setenv(backend.OPENMP_ENV, "gnu")
+    assert backend.openmp_preload() is None
+    with backend.engine_process_env():
+        assert "LD_PRELOAD" not in os.environ
+
+
 def test_cpu_binding_splits_the_cores_between_replicas() -> None:
     from hubkit.pool import cpu_binding
 

