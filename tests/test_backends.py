@@ -398,6 +398,28 @@ def test_streaming_deltas_join_to_the_full_text(vllm_backend, tf_backend) -> Non
         assert len(chunks) > 3
 
 
+def test_text_decoded_once_equals_vllms_incremental_detokenizer(vllm_backend) -> None:
+    # Final-only requests without stop strings skip vLLM's per-step detokenizer; hubkit decodes the
+    # finished tokens once. Sampled, past end-of-text, so the outputs hold special tokens, spaces and
+    # Hangul split across byte-level tokens: the texts must still equal vLLM's own, character for character.
+    from vllm.sampling_params import RequestOutputKind
+
+    from hubkit.backends.vllm import _to_vllm
+
+    prompts = [f"{p} {i}" for i in range(3) for p in KOREAN_PROMPTS]
+    params = SamplingParams(temperature=1.3, max_tokens=24, seed=7, ignore_eos=True)
+    ours = run(vllm_backend.generate_many(prompts, params))
+    assert [run(vllm_backend.generate(p, params)) for p in prompts[:4]] == ours[:4]
+    theirs = []
+    for prompt in prompts:
+        ids = vllm_backend._prepare(prompt, params)
+        sampling = _to_vllm(params, RequestOutputKind.FINAL_ONLY, detokenize=True)
+        theirs.append(run(vllm_backend._call(vllm_backend._final_output(ids, prompt, sampling))).outputs[0])
+    assert [c.token_ids for c in ours] == [tuple(o.token_ids) for o in theirs]
+    assert [c.text for c in ours] == [o.text for o in theirs]
+    assert len({c.text for c in ours}) > len(prompts) // 2  # varied outputs, not one string
+
+
 @pytest.mark.slow
 def test_stop_strings_cut_the_text_in_both_backends(vllm_backend, tf_backend) -> None:
     prompt = "이 영화는 배우들의"
