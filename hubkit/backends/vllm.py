@@ -428,7 +428,8 @@ class VLLMBackend:
 
         Otherwise the text is decoded once from the finished tokens (:meth:`_completion`): vLLM's
         frontend would decode every token of every running request after each engine step, in the
-        process whose CPU time the engine's compute threads share (measured: 7% of a 256-prompt run).
+        process whose CPU time the engine's compute threads share (measured on bare vLLM: 7% of a 256-prompt
+        run).
         """
         return bool(params.stop) or not hasattr(self._tokenizer, "_tokenizer")
 
