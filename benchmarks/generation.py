@@ -69,6 +69,11 @@ def build_25m(default_dir: str, out: Path) -> str:
     return str(out)
 
 
+def median_run(runs: list[tuple[int, float]]) -> tuple[int, float]:
+    """The median of (tokens, seconds) runs by tokens/s."""
+    return sorted(runs, key=lambda t: t[0] / t[1])[len(runs) // 2]
+
+
 def bench_transformers(
     setting: str,
     model: str,
@@ -94,7 +99,7 @@ def bench_transformers(
             for i in range(0, len(subset), bs):
                 tokens += sum(c.completion_tokens for c in backend.generate_batch(subset[i : i + bs], params))
             runs.append((tokens, time.perf_counter() - t0))
-        tokens, seconds = sorted(runs, key=lambda t: t[1])[len(runs) // 2]
+        tokens, seconds = median_run(runs)
         rows.append(Row(setting, Path(model).name, "transformers generate", str(bs), tokens, seconds))
         print(rows[-1], flush=True)
     backend.shutdown()
@@ -141,11 +146,12 @@ def bench_vllm_and_pool(
             engine.engine_core.shutdown()
         gc.collect()
     name = Path(model).name
-    med = lambda xs: sorted(xs, key=lambda t: t[0] / t[1])[len(xs) // 2]  # noqa: E731 - median by tok/s
-    rows = [Row(setting, name, "bare vllm.LLM.generate", str(len(prompts)), *med(bare))]
+    rows = [Row(setting, name, "bare vllm.LLM.generate", str(len(prompts)), *median_run(bare))]
     for n in replicas:
         label = "1 Ray actor" if n == 1 else f"{n} Ray actors"
-        rows.append(Row(setting, name, f"hubkit EnginePool ({label})", str(len(prompts)), *med(ours[n])))
+        rows.append(
+            Row(setting, name, f"hubkit EnginePool ({label})", str(len(prompts)), *median_run(ours[n]))
+        )
     for r in rows:
         print(r, flush=True)
     return rows
