@@ -9,7 +9,9 @@ writes few-shot examples). A row is right when its label's choice has the higher
 
 Systems, all float32 on CPU, each timed around its scoring call only (engine start is reported apart):
 
-* ``hubkit xN``: ``EnginePool(replicas=N).loglikelihood`` (vLLM engines in Ray actors).
+* ``hubkit xN``: ``EnginePool(replicas=N).loglikelihood`` (vLLM engines in Ray actors), started as
+  ``hubkit score`` starts them for a multiple-choice task (``prompt_logprobs=False``: the model finishes
+  only the positions vLLM reads).
 * ``hubkit x1 (prompt_logprobs)``: the same pool with ``fast_scoring=False``, i.e. the vLLM path lm-eval
   takes; the ratio to ``hubkit x1`` is what scoring shared contexts once buys inside one engine.
 * ``lm-eval hf``: ``HFLM(batch_size=32).loglikelihood`` on ``Instance`` objects built from the same pairs.
@@ -129,7 +131,10 @@ def run_hubkit(
 
     requests = [LoglikelihoodRequest(c, x) for c, x in pairs]
     t0 = time.perf_counter()
-    pool = EnginePool(model, replicas=replicas, engine_options={"dtype": "float32", "fast_scoring": fast})
+    # As `hubkit score` starts its engines for a multiple-choice task: without prompt log-probs when
+    # scoring by chains, so the model skips unread prompt positions' work.
+    options = {"dtype": "float32", "fast_scoring": fast} | ({"prompt_logprobs": False} if fast else {})
+    pool = EnginePool(model, replicas=replicas, engine_options=options)
     try:
         pool.loglikelihood([LoglikelihoodRequest(c, x) for c, x in warmup_pairs(pairs)])
         start = time.perf_counter() - t0

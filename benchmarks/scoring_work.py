@@ -9,7 +9,8 @@ faster while computing the same numbers. This script counts that work without st
 * hubkit: :func:`hubkit.backends.vllm.plan_scoring`'s chains, exactly as ``hubkit score`` sends them
   (``greedy=False``): a chain prefills its prompt once (a second chain of the same question reads the
   context's whole KV blocks from the prefix cache) and forwards one token per forced step; logits are
-  computed only at the positions read.
+  computed only at the positions read, and the last layer's output projection and MLP only at the
+  prefill position read (``hubkit score``'s engines run without prompt log-probs).
 
 FLOPs per token are the model's matrix products (QKV, attention output, MLP: ``2 * params``) plus the
 attention scores and values over the prefix (``4 * d_model * position`` per layer). Prompt tokens are the
@@ -53,6 +54,11 @@ class Shape:
         return 2.0 * self.layers * (4 * self.d_model**2 + 2 * self.d_model * self.d_ff)
 
     @property
+    def unread_saving(self) -> float:
+        """FLOPs a prefill position nobody reads skips: the last layer's output projection and MLP."""
+        return 2.0 * (self.d_model**2 + 2 * self.d_model * self.d_ff)
+
+    @property
     def head_flops(self) -> float:
         return 2.0 * self.d_model * self.vocab
 
@@ -94,7 +100,12 @@ def count_work(inputs: Sequence[tuple[list[int], int]], shape: Shape, max_model_
     lm_tokens = sum(len(tokens) for tokens, _ in inputs)
     lm_flops = sum(shape.forward(0, len(tokens)) + len(tokens) * shape.head_flops for tokens, _ in inputs)
     plan = plan_scoring(
-        inputs, block_size=CPU_BLOCK_SIZE, prefix_caching=True, max_model_len=max_model_len, greedy=False
+        inputs,
+        block_size=CPU_BLOCK_SIZE,
+        prefix_caching=True,
+        max_model_len=max_model_len,
+        greedy=False,
+        prompt_logprobs=False,  # `hubkit score`'s multiple-choice engines
     )
     hub_flops = hub_tokens = 0.0
     cached: set[tuple[int, ...]] = set()  # contexts whose whole blocks an earlier chain computed
@@ -113,6 +124,8 @@ def count_work(inputs: Sequence[tuple[list[int], int]], shape: Shape, max_model_
         steps = len(chain.forced) + len(chain.report)
         hub_tokens += len(prompt) - start + steps
         hub_flops += shape.forward(start, len(prompt) + steps) + (1 + steps) * shape.head_flops
+        # Only the last prompt position of the prefill is read (engines without prompt log-probs).
+        hub_flops -= (len(prompt) - start - 1) * shape.unread_saving
     # Inputs the planner sends through prompt log-probs cost what lm-eval's way costs.
     for i in plan.prompt_logprobs:
         tokens = inputs[i][0]

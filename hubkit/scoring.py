@@ -370,7 +370,7 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
                 backend=backend,  # type: ignore[arg-type]
                 replicas=config.replicas,
                 address=config.address,
-                engine_options=engine_options,
+                engine_options=_pool_options(task, backend, engine_options),
                 num_cpus=config.num_cpus,
                 adapter=adapter.path if adapter is not None else None,
             )
@@ -1203,6 +1203,20 @@ def _file_digest(path: str) -> dict[str, Any]:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return {"name": Path(path).name, "sha256": digest.hexdigest()}
+
+
+def _pool_options(task: TaskSpec, backend: str, engine_options: Mapping[str, Any]) -> dict[str, Any]:
+    """The engine options of the pool a job starts: the job's, plus speed options that change no number.
+
+    Multiple-choice scoring reads next-token log-probs only, so vLLM engines start without prompt
+    log-probs, which lets the model skip work at prompt positions nobody reads (same scores; see
+    :class:`hubkit.backends.vllm.VLLMBackend`). Kept out of the job's identity, so run folders resume
+    across hubkit versions. Perplexity reads every position and keeps them.
+    """
+    options = dict(engine_options)
+    if backend == "vllm" and task.kind == "multiple_choice" and options.get("fast_scoring", True):
+        options.setdefault("prompt_logprobs", False)
+    return options
 
 
 def _jsonable(value: Any) -> Any:

@@ -147,6 +147,12 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def test_engines_without_prompt_logprobs_plan_chains_only() -> None:
+    # The long continuation that falls back to prompt log-probs above walks down a chain instead.
+    p = plan(list(range(60)), context=(1, 2, 3, 4, 5), prompt_logprobs=False)
+    assert p.prompt_logprobs == () and p.chains and p.steps[0]
+
+
 @pytest.fixture(scope="module")
 def vllm_backend(tiny_model_dir: Path):
     from hubkit.backends.vllm import VLLMBackend
@@ -276,3 +282,70 @@ def test_a_cancelled_scoring_call_leaves_the_engine_serving(vllm_backend) -> Non
     again = run(vllm_backend.loglikelihood(reqs[:8]))
     assert [r.logprob for r in again] == pytest.approx([r.logprob for r in expected], abs=1e-5)
     assert [r.is_greedy for r in again] == [r.is_greedy for r in expected]
+
+
+def _count_mlp_rows(worker) -> None:
+    """Runs in vLLM's worker: counts the rows the first and the last layer's MLP compute per step."""
+    model = worker.get_model()
+    model.hubkit_rows = []
+    layers = model.gpt_neox.layers
+
+    def first(module, args, output):
+        model.hubkit_rows.append([args[0].shape[0], None])
+
+    def last(module, args, output):
+        model.hubkit_rows[-1][1] = args[0].shape[0]
+
+    layers[0].mlp.register_forward_hook(first)
+    layers[-1].mlp.register_forward_hook(last)
+
+
+def _read_mlp_rows(worker) -> list:
+    return worker.get_model().hubkit_rows
+
+
+@pytest.mark.slow
+def test_without_prompt_logprobs_the_last_layer_skips_unread_positions(
+    vllm_backend, tiny_model_dir: Path, monkeypatch
+) -> None:
+    from hubkit.backends.vllm import VLLMBackend
+    from hubkit.engine import SamplingParams
+    from hubkit.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="drop prompt_logprobs=False"):
+        VLLMBackend(str(tiny_model_dir), fast_scoring=False, prompt_logprobs=False)
+    # The hooks travel to vLLM's worker as pickled functions.
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    lean = VLLMBackend(str(tiny_model_dir), dtype="float32", prompt_logprobs=False)
+    try:
+        engine = lean._require_engine()
+        lean._loop.submit(engine.collective_rpc(_count_mlp_rows)).result()
+        reqs = _nsmc_like_requests()
+        reqs += [
+            LoglikelihoodRequest(
+                "문장: 좋다", " 아주 긴 연속 문장을 이어서 점수를 매긴다" * 4
+            ),  # a chain now
+            LoglikelihoodRequest("", "영화가 재밌다"),
+        ]
+        reqs.append(_greedy_request(vllm_backend))
+        got = run(lean.loglikelihood(reqs))
+        want = run(vllm_backend.loglikelihood(reqs))
+        for req, g, w in zip(reqs, got, want, strict=True):
+            assert g.logprob == pytest.approx(w.logprob, abs=1e-5), req
+            assert (g.is_greedy, g.num_tokens) == (w.is_greedy, w.num_tokens), req
+        greedy = SamplingParams(temperature=0.0, max_tokens=12)
+        assert (
+            run(lean.generate("이 영화 정말", greedy)).token_ids
+            == run(vllm_backend.generate("이 영화 정말", greedy)).token_ids
+        )
+        (rows,) = lean._loop.submit(engine.collective_rpc(_read_mlp_rows)).result()
+        # Prefill steps finish the last layer at one position per request; decode steps at all.
+        assert rows and all(last is not None and last <= first for first, last in rows)
+        assert any(first >= 4 * last for first, last in rows), rows
+        with pytest.raises(InvalidRequestError, match="prompt_logprobs=False"):
+            run(lean.prompt_logprobs([5, 6, 7]))
+        lean.fast_scoring = False
+        with pytest.raises(InvalidRequestError, match="switch fast_scoring back on"):
+            run(lean.loglikelihood(reqs[:2]))
+    finally:
+        lean.shutdown()

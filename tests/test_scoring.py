@@ -642,3 +642,16 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_model_dir: Path, tmp_path: Pa
     _assert_complete(_predictions(out), 60, (0, 2))
     temp_dir = re.search(r"temp (/tmp/hk2n-\w+)/head\)", text)
     assert temp_dir and not Path(temp_dir.group(1)).exists()  # both nodes stopped, their files removed
+
+
+def test_multiple_choice_jobs_start_vllm_engines_without_prompt_logprobs() -> None:
+    # Same scores, less prefill work (tests/test_fast_scoring.py); perplexity reads every position.
+    from hubkit.scoring import _pool_options
+    from hubkit.tasks import load_task
+
+    nsmc, ppl = load_task("nsmc"), load_task("perplexity")
+    assert _pool_options(nsmc, "vllm", {"dtype": "float32"}) == {"dtype": "float32", "prompt_logprobs": False}
+    assert "prompt_logprobs" not in _pool_options(ppl, "vllm", {})
+    assert "prompt_logprobs" not in _pool_options(nsmc, "transformers", {})
+    assert "prompt_logprobs" not in _pool_options(nsmc, "vllm", {"fast_scoring": False})
+    assert _pool_options(nsmc, "vllm", {"prompt_logprobs": True})["prompt_logprobs"] is True

@@ -148,6 +148,12 @@ class VLLMBackend:
         adapter: A PEFT prompt-tuning folder (:func:`hubkit.adapters.load_prompt_adapter`) whose soft
             prompt goes in front of every request; the engine then accepts prompt embeddings. Use
             ``dtype="float32"`` to match transformers + peft on a float32 checkpoint.
+        prompt_logprobs: False: the engine never returns log-probs of prompt tokens (the
+            :meth:`prompt_logprobs` verb, ``fast_scoring=False``), so a prefill finishes only the
+            positions vLLM reads: hubkit's GPT-NeoX then runs its last layer's output projection and
+            MLP at the last token of each request only (vLLM's ``kv_sharing_fast_prefill`` contract).
+            Scoring then always uses next-token chains; multiple-choice scoring gets faster, with the
+            same numbers. ``hubkit score`` starts its engines this way for multiple-choice tasks.
         **engine_options: Passed to ``vllm.AsyncEngineArgs`` (e.g. ``max_num_seqs=64``,
             ``enable_prefix_caching=False``).
 
@@ -163,6 +169,7 @@ class VLLMBackend:
         adapter: The prompt-tuning adapter, or None.
         start_seconds: Wall time the engine took to start.
         fast_scoring: The ``fast_scoring`` option; may be switched at any time (benchmarks compare).
+        reads_prompt_logprobs: The ``prompt_logprobs`` option.
     """
 
     name = "vllm"
@@ -176,6 +183,7 @@ class VLLMBackend:
         seed: int = 0,
         fast_scoring: bool = True,
         adapter: str | None = None,
+        prompt_logprobs: bool = True,
         **engine_options: Any,
     ) -> None:
         if dtype not in _DTYPES:
@@ -203,6 +211,15 @@ class VLLMBackend:
         from vllm.platforms import current_platform
 
         self.fast_scoring = bool(fast_scoring)
+        self.reads_prompt_logprobs = bool(prompt_logprobs)
+        if not prompt_logprobs:
+            if not fast_scoring:
+                raise InvalidRequestError(
+                    "fast_scoring=False scores through prompt log-probs; drop prompt_logprobs=False"
+                )
+            # vLLM's switch for models that may leave unread prompt positions unfinished; vLLM then
+            # refuses prompt log-probs (hubkit's GPT-NeoX reads it: vllm_neox.GPTNeoXModel.read_rows).
+            engine_options["kv_sharing_fast_prefill"] = True
         if current_platform.is_cpu():
             # vLLM's CPU default of 128-token KV blocks makes the prefix cache share only whole
             # 128-token blocks; 32 (the smallest its CPU attention takes) lets the choices of a
@@ -338,6 +355,11 @@ class VLLMBackend:
         inputs = encode_scoring_inputs(self._tokenizer, requests, max_model_len=self.max_model_len)
         if not inputs:
             return []
+        if not self.fast_scoring and not self.reads_prompt_logprobs:
+            raise InvalidRequestError(
+                "fast_scoring=False scores through prompt log-probs, which this engine was started "
+                "without (prompt_logprobs=False); switch fast_scoring back on"
+            )
         engine = self._require_engine()
         cache = engine.vllm_config.cache_config
         plan = plan_scoring(
@@ -348,6 +370,7 @@ class VLLMBackend:
             forcing=self._forcing,
             fast_path=self.fast_scoring,
             greedy=greedy,
+            prompt_logprobs=self.reads_prompt_logprobs,
         )
         return await self._call(_run_plan(engine, inputs, plan, soft_prompt=self._soft_prompt, greedy=greedy))
 
@@ -365,6 +388,11 @@ class VLLMBackend:
         from vllm import SamplingParams as VSamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        if not self.reads_prompt_logprobs:
+            raise InvalidRequestError(
+                "this engine was started with prompt_logprobs=False; start one without it to read "
+                "prompt log-probs (echo + logprobs)"
+            )
         ids = check_prompt_logprobs_args(
             token_ids, top=top, max_tokens=max_tokens, vocab_size=len(self._tokenizer),
             max_model_len=self.max_model_len,
@@ -588,6 +616,7 @@ def plan_scoring(
     forcing: bool = True,
     fast_path: bool = True,
     greedy: bool = True,
+    prompt_logprobs: bool = True,
 ) -> ScoringPlan:
     """Chooses, for each group of inputs sharing a context, the cheaper of two exact ways to score it.
 
@@ -615,6 +644,7 @@ def plan_scoring(
         forcing: Whether the engine has the ForcedTokens logits processor.
         fast_path: False sends everything through prompt log-probs.
         greedy: False: the caller does not need ``is_greedy``, so chains skip their report steps.
+        prompt_logprobs: False: the engine refuses prompt log-probs, so every group goes by chains.
     """
     if not fast_path:
         return ScoringPlan((), {}, tuple(range(len(inputs))))
@@ -644,7 +674,7 @@ def plan_scoring(
             cost += _REQUEST_COST + _DECODE_COST * (len(forced) + len(report))
             cost += _prefix_cost(len(context), trie.depth[nodes[0]], block_size, prefix_caching)
         flat = sum(_PROMPT_LOGPROBS_COST * len(inputs[i][0]) + _REQUEST_COST for i in members)
-        if cost > flat:
+        if prompt_logprobs and cost > flat:
             by_prompt.extend(members)
             continue
         offset = len(chains)

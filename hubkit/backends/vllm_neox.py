@@ -8,6 +8,11 @@ kernel, paged attention), in the shape of vLLM's GPT-J.
 
 :func:`hubkit.backends.vllm_plugin.register` puts it in vLLM's model registry, in every vLLM process.
 
+Engines started with vLLM's ``kv_sharing_fast_prefill`` (hubkit's ``VLLMBackend(prompt_logprobs=False)``,
+which ``hubkit score`` uses for multiple-choice tasks) refuse prompt log-probs, so vLLM reads the hidden
+state of one position per request in a prefill step. The last layer then writes every position's key and
+value to the cache but runs its output projection and MLP at those positions only.
+
 Weights load from the standard Hugging Face GPT-NeoX checkpoint. The one layout change is the fused
 ``query_key_value``: transformers interleaves it per head (``[heads, 3, head_size]``), vLLM's
 ``QKVParallelLinear`` wants ``[3, heads, head_size]`` (and shards each part for tensor parallelism).
@@ -24,6 +29,7 @@ from torch import nn
 from vllm.compilation.decorators import support_torch_compile
 from vllm.config import CacheConfig, VllmConfig
 from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.activation import get_act_fn
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.layernorm import LayerNorm
@@ -100,11 +106,15 @@ class GPTNeoXAttention(nn.Module):
             prefix=f"{prefix}.attn",
         )
 
-    def forward(self, position_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+    def attend(self, position_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Attention before the output projection; writes every position's key and value to the cache."""
         qkv, _ = self.query_key_value(hidden_states)
         q, k, v = qkv.chunk(chunks=3, dim=-1)
         q, k = self.rotary_emb(position_ids, q, k)
-        output, _ = self.dense(self.attn(q, k, v))
+        return self.attn(q, k, v)
+
+    def forward(self, position_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        output, _ = self.dense(self.attend(position_ids, hidden_states))
         return output
 
 
@@ -156,6 +166,23 @@ class GPTNeoXLayer(nn.Module):
         attn_output = attn_output + hidden_states
         return self.mlp(self.post_attention_layernorm(attn_output)) + attn_output
 
+    def forward_rows(
+        self, position_ids: torch.Tensor, hidden_states: torch.Tensor, rows: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer's output at ``rows`` only (one row per index, in order).
+
+        Keys and values of every position still reach the KV cache (later tokens and the prefix cache
+        read them); the output projection and the MLP, most of the layer, run only where read.
+        """
+        attn_output, _ = self.attention.dense(
+            self.attention.attend(position_ids, self.input_layernorm(hidden_states))[rows]
+        )
+        hidden_states = hidden_states[rows]
+        if self.use_parallel_residual:
+            return self.mlp(self.post_attention_layernorm(hidden_states)) + attn_output + hidden_states
+        attn_output = attn_output + hidden_states
+        return self.mlp(self.post_attention_layernorm(attn_output)) + attn_output
+
 
 @support_torch_compile
 class GPTNeoXModel(nn.Module):
@@ -175,6 +202,30 @@ class GPTNeoXModel(nn.Module):
         self.make_empty_intermediate_tensors = make_empty_intermediate_tensors_factory(
             ["hidden_states"], config.hidden_size
         )
+        # vLLM's switch for models that may leave prompt positions' hidden states unfinished: it then
+        # refuses prompt_logprobs, so only the last position of each request's tokens is ever read.
+        self.skip_unread = bool(vllm_config.cache_config.kv_sharing_fast_prefill) and (
+            vllm_config.speculative_config is None  # drafts read several positions per request
+        )
+
+    def read_rows(self) -> torch.Tensor | None:
+        """The positions whose hidden states vLLM reads this step, when that is not all of them.
+
+        With prompt log-probs refused, vLLM computes logits at the last scheduled token of each
+        request only (``query_start_loc[1:] - 1``). None in decode-only steps (every position is read)
+        and in vLLM's dummy runs.
+        """
+        if not self.skip_unread:
+            return None
+        metadata = get_forward_context().attn_metadata
+        if not isinstance(metadata, dict):
+            return None
+        layer = self.layers[self.end_layer - 1].attention.attn.layer_name
+        step = metadata.get(layer)
+        starts = getattr(step, "query_start_loc", None)
+        if starts is None or getattr(step, "max_query_len", 1) <= 1:
+            return None
+        return (starts[1:] - 1).long()
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_in(input_ids)
@@ -191,11 +242,19 @@ class GPTNeoXModel(nn.Module):
         else:
             assert intermediate_tensors is not None
             hidden_states = intermediate_tensors["hidden_states"]
-        for layer in islice(self.layers, self.start_layer, self.end_layer):
+        last = get_pp_group().is_last_rank
+        rows = self.read_rows() if last else None
+        layers = list(islice(self.layers, self.start_layer, self.end_layer))
+        for layer in layers if rows is None else layers[:-1]:
             hidden_states = layer(position_ids, hidden_states)
-        if not get_pp_group().is_last_rank:
+        if not last:
             return IntermediateTensors({"hidden_states": hidden_states})
-        return self.final_layer_norm(hidden_states)
+        if rows is None:
+            return self.final_layer_norm(hidden_states)
+        # Prefill steps: the last layer finishes only the positions vLLM reads; the others stay zero
+        # (vLLM never reads them: it refuses prompt log-probs in this mode).
+        read = self.final_layer_norm(layers[-1].forward_rows(position_ids, hidden_states, rows))
+        return hidden_states.new_zeros(hidden_states.shape).index_copy_(0, rows, read)
 
 
 class GPTNeoXForCausalLM(nn.Module, SupportsPP):
