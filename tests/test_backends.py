@@ -141,6 +141,23 @@ def test_encode_pair_follows_lm_eval(tiny_model_dir: Path) -> None:
         encode_pair(tok, "영화", "")
 
 
+def test_encode_pairs_batches_to_the_same_ids_as_encode_pair(tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from hubkit.backends.transformers import encode_pair, encode_pairs
+    from hubkit.models import resolve_model
+
+    eos = "<|endoftext|>"
+    pairs = [(c, x) for c in KOREAN_PROMPTS for x in CHOICES]
+    pairs += [("", "영화가 재밌다"), ("이 영화 정말 ", "최고"), ("배우들의 연기가  \n", " 좋다")]
+    pairs += [(eos + "문장: 좋다 긍부정:", " 긍정"), (eos, "영화"), ("   ", " 별로"), ("영화", eos + " 끝")]
+    for folder in (tiny_model_dir, resolve_model("default")):
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert encode_pairs(tok, pairs) == [encode_pair(tok, c, x) for c, x in pairs]
+    with pytest.raises(InvalidRequestError, match="continuation"):
+        encode_pairs(tok, [("영화", " 좋다"), ("영화", "")])
+
+
 def test_text_assembler_holds_back_stop_prefixes_and_partial_characters(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 

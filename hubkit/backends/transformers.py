@@ -198,6 +198,60 @@ def encode_pair(
     return context_enc, _nonempty(continuation_enc, continuation)
 
 
+def encode_pairs(
+    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], *, seq2seq: bool = False
+) -> list[tuple[list[int], list[int]]]:
+    """:func:`encode_pair` over many pairs, with the same ids, in a fraction of the time.
+
+    The texts :func:`encode_pair` will ask for go to the tokenizer in one batch call each (fast
+    tokenizers encode a batch in Rust), and a context shared by several choices is encoded once. Any
+    text the batch did not foresee is encoded on its own, so the result never depends on the guess.
+    """
+    memo = _MemoTokenizer(tokenizer)
+    prefix_text = memo.decode([prefix_token_id(tokenizer)])
+    wanted: dict[bool, dict[str, None]] = {True: {}, False: {}}
+    for context, continuation in pairs:
+        if not context or seq2seq:
+            continue
+        stripped = context.rstrip()
+        for text in (stripped, stripped + context[len(stripped) :] + continuation):
+            wanted[not text.startswith(prefix_text)][text] = None
+    for special, texts in wanted.items():
+        memo.prefill(list(texts), add_special_tokens=special)
+    return [encode_pair(memo, c, x, seq2seq=seq2seq) for c, x in pairs]  # type: ignore[arg-type]
+
+
+class _MemoTokenizer:
+    """A tokenizer whose ``encode`` and ``decode`` remember their answers (for :func:`encode_pairs`)."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        self._tokenizer = tokenizer
+        self._encoded: dict[tuple[str, bool], list[int]] = {}
+        self._decoded: dict[tuple[int, ...], str] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tokenizer, name)
+
+    def prefill(self, texts: list[str], *, add_special_tokens: bool) -> None:
+        if texts:
+            batch = self._tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
+            self._encoded.update(
+                ((t, add_special_tokens), list(ids)) for t, ids in zip(texts, batch, strict=True)
+            )
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        key = (text, add_special_tokens)
+        if key not in self._encoded:
+            self._encoded[key] = list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens))
+        return self._encoded[key]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        key = tuple(ids)
+        if key not in self._decoded:
+            self._decoded[key] = self._tokenizer.decode(list(ids))
+        return self._decoded[key]
+
+
 def _nonempty(ids: list[int], text: str) -> list[int]:
     if not ids:
         raise InvalidRequestError(f"continuation {text!r} encodes to no tokens; give non-empty text")

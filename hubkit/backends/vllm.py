@@ -42,7 +42,7 @@ from hubkit.backends.transformers import (
     check_model,
     choose_max_model_len,
     context_length,
-    encode_pair,
+    encode_pairs,
     load_tokenizer,
 )
 from hubkit.engine import (
@@ -793,8 +793,10 @@ def encode_scoring_inputs(
     """
     window = max_model_len - 1
     inputs: list[tuple[list[int], int]] = []
-    for i, req in enumerate(check_loglikelihood_requests(requests)):
-        ctx, cont = encode_pair(tokenizer, req.context, req.continuation)
+    checked = check_loglikelihood_requests(requests)
+    # One batch call instead of a tokenizer call per text: the engine waits for this step.
+    encoded = encode_pairs(tokenizer, [(r.context, r.continuation) for r in checked])
+    for i, (ctx, cont) in enumerate(encoded):
         if len(cont) > window - 1:
             raise InvalidRequestError(
                 f"request {i}: continuation is {len(cont)} tokens but at most {window - 1} fit this "
