@@ -78,7 +78,7 @@ class ForcedTokens(LogitsProcessor):
         for row, (forced, report, output, seen) in self.rows.items():
             step, m = len(output), len(forced)
             if step < m:
-                if len(seen) == step:  # record once per step
+                if report and len(seen) == step:  # once per step, and only if a report step reads it
                     seen.append(int(torch.argmax(logits[row])))
                 token = forced[step]
             elif m < step <= m + len(report):
