@@ -352,14 +352,14 @@ class VLLMBackend:
         Requests that share a context (the choices of one multiple-choice question) are scored
         together: see :func:`plan_scoring` for how each group is routed.
         """
-        inputs = encode_scoring_inputs(self._tokenizer, requests, max_model_len=self.max_model_len)
-        if not inputs:
-            return []
         if not self.fast_scoring and not self.reads_prompt_logprobs:
             raise InvalidRequestError(
                 "fast_scoring=False scores through prompt log-probs, which this engine was started "
                 "without (prompt_logprobs=False); switch fast_scoring back on"
             )
+        inputs = encode_scoring_inputs(self._tokenizer, requests, max_model_len=self.max_model_len)
+        if not inputs:
+            return []
         engine = self._require_engine()
         cache = engine.vllm_config.cache_config
         plan = plan_scoring(
