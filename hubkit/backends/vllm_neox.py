@@ -106,15 +106,19 @@ class GPTNeoXAttention(nn.Module):
             prefix=f"{prefix}.attn",
         )
 
-    def attend(self, position_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Attention before the output projection; writes every position's key and value to the cache."""
+    def forward(
+        self, position_ids: torch.Tensor, hidden_states: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Attention output at every position, or at ``rows`` only (one output row per index).
+
+        Keys and values of every position reach the KV cache either way (later tokens and the prefix
+        cache read them).
+        """
         qkv, _ = self.query_key_value(hidden_states)
         q, k, v = qkv.chunk(chunks=3, dim=-1)
         q, k = self.rotary_emb(position_ids, q, k)
-        return self.attn(q, k, v)
-
-    def forward(self, position_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        output, _ = self.dense(self.attend(position_ids, hidden_states))
+        attended = self.attn(q, k, v)
+        output, _ = self.dense(attended if rows is None else attended[rows])
         return output
 
 
@@ -156,30 +160,19 @@ class GPTNeoXLayer(nn.Module):
         self.attention = GPTNeoXAttention(config, cache_config, quant_config, prefix=f"{prefix}.attention")
         self.mlp = GPTNeoXMLP(config, quant_config, prefix=f"{prefix}.mlp")
 
-    def forward(self, position_ids: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        attn_output = self.attention(position_ids, self.input_layernorm(hidden_states))
+    def forward(
+        self, position_ids: torch.Tensor, hidden_states: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The layer's output at every position, or at ``rows`` only: past the attention (whose keys and
+        values every position needs), the output projection and the MLP run only where read."""
+        attn_output = self.attention(position_ids, self.input_layernorm(hidden_states), rows)
+        if rows is not None:
+            hidden_states = hidden_states[rows]
         if self.use_parallel_residual:
             # x + attn(ln1(x)) + mlp(ln2(x))
             mlp_output = self.mlp(self.post_attention_layernorm(hidden_states))
             return mlp_output + attn_output + hidden_states
         # x = x + attn(ln1(x)); x + mlp(ln2(x))
-        attn_output = attn_output + hidden_states
-        return self.mlp(self.post_attention_layernorm(attn_output)) + attn_output
-
-    def forward_rows(
-        self, position_ids: torch.Tensor, hidden_states: torch.Tensor, rows: torch.Tensor
-    ) -> torch.Tensor:
-        """The layer's output at ``rows`` only (one row per index, in order).
-
-        Keys and values of every position still reach the KV cache (later tokens and the prefix cache
-        read them); the output projection and the MLP, most of the layer, run only where read.
-        """
-        attn_output, _ = self.attention.dense(
-            self.attention.attend(position_ids, self.input_layernorm(hidden_states))[rows]
-        )
-        hidden_states = hidden_states[rows]
-        if self.use_parallel_residual:
-            return self.mlp(self.post_attention_layernorm(hidden_states)) + attn_output + hidden_states
         attn_output = attn_output + hidden_states
         return self.mlp(self.post_attention_layernorm(attn_output)) + attn_output
 
@@ -244,17 +237,21 @@ class GPTNeoXModel(nn.Module):
             hidden_states = intermediate_tensors["hidden_states"]
         last = get_pp_group().is_last_rank
         rows = self.read_rows() if last else None
-        layers = list(islice(self.layers, self.start_layer, self.end_layer))
-        for layer in layers if rows is None else layers[:-1]:
-            hidden_states = layer(position_ids, hidden_states)
+        final = self.end_layer - 1
+        for i, layer in enumerate(islice(self.layers, self.start_layer, self.end_layer), self.start_layer):
+            hidden_states = layer(position_ids, hidden_states, rows if i == final else None)
         if not last:
             return IntermediateTensors({"hidden_states": hidden_states})
         if rows is None:
             return self.final_layer_norm(hidden_states)
-        # Prefill steps: the last layer finishes only the positions vLLM reads; the others stay zero
+        # Prefill steps: the last layer finished only the positions vLLM reads; the others stay zero
         # (vLLM never reads them: it refuses prompt log-probs in this mode).
-        read = self.final_layer_norm(layers[-1].forward_rows(position_ids, hidden_states, rows))
-        return hidden_states.new_zeros(hidden_states.shape).index_copy_(0, rows, read)
+        full = torch.zeros(
+            (position_ids.shape[0], hidden_states.shape[1]),
+            dtype=hidden_states.dtype,
+            device=hidden_states.device,
+        )
+        return full.index_copy_(0, rows, self.final_layer_norm(hidden_states))
 
 
 class GPTNeoXForCausalLM(nn.Module, SupportsPP):
