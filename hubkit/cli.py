@@ -56,9 +56,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hubkit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("quickstart", help="start Ray, load the default model into vLLM, generate Korean text")
+    p = sub.add_parser(
+        "quickstart",
+        help="start Ray, load the default model into vLLM, generate Korean text, score NSMC, publish with a card",
+    )
     _add_engine_args(p)
     _add_sampling_args(p, max_tokens=48)
+    p.add_argument(
+        "--no-score",
+        action="store_true",
+        help="skip scoring NSMC on the shipped sample (runs/quickstart/nsmc)",
+    )
 
     p = sub.add_parser("generate", help="print a completion of PROMPT")
     p.add_argument("model")
@@ -216,6 +224,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         replicas=args.replicas,
         address=args.address,
         params=_sampling(args),
+        score=not args.no_score,
     )
     return 0
 

@@ -38,6 +38,12 @@ from hubkit.errors import DataError
 
 Format = Literal["tsv", "csv", "jsonl", "parquet"]
 
+#: Labelled NSMC samples shipped with hubkit (NSMC v1.0, CC0 1.0; id, document, label): 200 reviews of
+#: ratings_test.txt and 200 of ratings_train.txt. ``hubkit quickstart`` scores the first with few-shot
+#: examples from the second, so the main job needs no download.
+NSMC_SAMPLE_TEST = Path(__file__).resolve().parent / "assets" / "data" / "nsmc_test_200.txt"
+NSMC_SAMPLE_TRAIN = NSMC_SAMPLE_TEST.with_name("nsmc_train_200.txt")
+
 _EXTENSIONS: dict[str, Format] = {
     ".txt": "tsv",
     ".tsv": "tsv",

@@ -1,14 +1,17 @@
 """``hubkit quickstart``: the main job on the embedded default model.
 
 Starts (or joins) Ray, loads the model into a vLLM engine inside a Ray actor, generates continuations of a
-handful of Korean prompts and prints them with throughput. Later stages (scoring, a card, publishing, the
-demo) hang off the same command.
+handful of Korean prompts and prints them with throughput. Then, on the same engines, it scores NSMC
+sentiment on the sample shipped with hubkit (0- and 5-shot, a run folder like ``hubkit score`` writes), and
+publishes the model with a card that reports those scores to hubkit's local Hub.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 from hubkit.engine import Completion, SamplingParams
@@ -32,6 +35,7 @@ class QuickstartResult:
     completions: tuple[Completion, ...]
     load_seconds: float
     generate_seconds: float
+    scored: Any = None  # hubkit.scoring.ScoreResult of the scoring stage, None when skipped
     published: Any = None  # hubkit.publish.PublishResult of the final stage, None when skipped
 
     @property
@@ -51,6 +55,8 @@ def run_quickstart(
     address: str | None = None,
     params: SamplingParams | None = None,
     prompts: tuple[str, ...] = QUICKSTART_PROMPTS,
+    score: bool = True,
+    runs_dir: str | os.PathLike[str] = "runs/quickstart",
     publish: bool = True,
 ) -> QuickstartResult:
     """Runs the main job and prints what it did.
@@ -64,6 +70,9 @@ def run_quickstart(
         params: Sampling settings; defaults to temperature 0.8, top-p 0.95, top-k 50 (transformers'
             default), 48 tokens, a fixed seed.
         prompts: Korean prompts to continue.
+        score: score NSMC sentiment on hubkit's shipped sample (200 reviews, 0- and 5-shot) with the same
+            engines; the run folder goes to ``runs_dir/nsmc`` and the published card reports it.
+        runs_dir: Folder for the scoring stage's run folder.
         publish: end by publishing the model and its card to hubkit's local Hub.
     """
     from rich.console import Console
@@ -92,34 +101,71 @@ def run_quickstart(
         t1 = time.perf_counter()
         completions = tuple(pool.generate(list(prompts), params, progress=True))
         generate_seconds = time.perf_counter() - t1
-    result = QuickstartResult(
-        model=path, completions=completions, load_seconds=load_seconds, generate_seconds=generate_seconds
-    )
-    table = Table(title="Korean continuations", show_lines=True)
-    table.add_column("prompt", style="bold")
-    table.add_column("continuation")
-    table.add_column("tokens", justify="right")
-    for prompt, completion in zip(prompts, completions, strict=True):
-        table.add_row(prompt, completion.text.strip(), str(completion.completion_tokens))
-    console.print(table)
-    console.print(
-        f"{result.completion_tokens} tokens in {generate_seconds:.2f} s = "
-        f"[bold]{result.tokens_per_second:.1f} tokens/s[/bold] "
-        f"({len(prompts)} prompts, batched by vLLM's continuous batching)"
-    )
+        result = QuickstartResult(
+            model=path, completions=completions, load_seconds=load_seconds, generate_seconds=generate_seconds
+        )
+        table = Table(title="Korean continuations", show_lines=True)
+        table.add_column("prompt", style="bold")
+        table.add_column("continuation")
+        table.add_column("tokens", justify="right")
+        for prompt, completion in zip(prompts, completions, strict=True):
+            table.add_row(prompt, completion.text.strip(), str(completion.completion_tokens))
+        console.print(table)
+        console.print(
+            f"{result.completion_tokens} tokens in {generate_seconds:.2f} s = "
+            f"[bold]{result.tokens_per_second:.1f} tokens/s[/bold] "
+            f"({len(prompts)} prompts, "
+            + ("batched by vLLM's continuous batching)" if backend == "vllm" else f"{backend} backend)")
+        )
+        # --- scoring stage: NSMC sentiment on the shipped sample, on the same engines (hubkit.scoring) ---
+        if score:
+            result = replace(result, scored=_score_stage(console, pool, Path(runs_dir) / "nsmc"))
     # --- final stage: publish the model with its card to the local Hub (hubkit.publish) ----------------
     if publish:
-        result = replace(result, published=_publish_stage(console, path))
+        scored = [result.scored.out] if result.scored is not None else []
+        result = replace(result, published=_publish_stage(console, path, results=scored))
     return result
 
 
-def _publish_stage(console, path: str):
-    """Publishes a local model folder and its card to hubkit's local Hub; prints how to fetch it back.
+def _score_stage(console, pool, out: Path):
+    """Scores NSMC sentiment on hubkit's shipped sample, 0- and 5-shot, and prints the metrics.
+
+    The run folder is what ``hubkit score`` writes (predictions, metrics, report, plots). A failure is
+    reported in one line and does not fail the quickstart: the generation above already ran.
+    """
+    from hubkit.datasets import NSMC_SAMPLE_TEST, NSMC_SAMPLE_TRAIN
+    from hubkit.errors import HubkitError
+    from hubkit.scoring import ScoreConfig, print_summary, run_score
+
+    console.print(
+        f"scoring NSMC sentiment on {NSMC_SAMPLE_TEST.name} (shipped with hubkit), 0- and 5-shot ..."
+    )
+    config = ScoreConfig(
+        task="nsmc",
+        data=(str(NSMC_SAMPLE_TEST),),
+        fewshot_data=str(NSMC_SAMPLE_TRAIN),
+        shots=(0, 5),
+        split="test",
+        out=str(out),
+        overwrite=True,  # the quickstart's own folder: a run of another model replaces it
+    )
+    try:
+        scored = run_score(config, pool=pool)
+    except HubkitError as exc:
+        from rich.markup import escape
+
+        console.print(f"[yellow]scoring skipped:[/yellow] {escape(str(exc))}", highlight=False)
+        return None
+    print_summary(scored, console=console)
+    return scored
+
+
+def _publish_stage(console, path: str, *, results: list[Path]):
+    """Publishes a local model folder and its card (reporting ``results``) to hubkit's local Hub; prints
+    how to fetch it back.
 
     A failure is reported in one line and does not fail the quickstart: the generation above already ran.
     """
-    from pathlib import Path
-
     from hubkit.errors import HubkitError
     from hubkit.models import DEFAULT_MODEL_DIR
     from hubkit.publish import publish
@@ -131,7 +177,7 @@ def _publish_stage(console, path: str):
     repo_id = "hubkit/ko-nsmc-neox" if folder == DEFAULT_MODEL_DIR else f"hubkit/{folder.name}"
     console.print(f"publishing [cyan]{repo_id}[/cyan] with its card to the local Hub ...")
     try:
-        published = publish(folder, repo_id, local=True)
+        published = publish(folder, repo_id, local=True, results=results)
     except HubkitError as exc:
         from rich.markup import escape
 

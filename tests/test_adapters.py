@@ -17,11 +17,12 @@ from typing import Any
 import pytest
 
 from hubkit.adapters import load_prompt_adapter
+from hubkit.datasets import NSMC_SAMPLE_TEST
 from hubkit.engine import LoglikelihoodRequest, SamplingParams
 from hubkit.errors import InvalidRequestError
 
 DATA = Path(__file__).parent / "data"
-TEST_TSV = DATA / "nsmc_test_200.txt"
+TEST_TSV = NSMC_SAMPLE_TEST
 NUM_VIRTUAL_TOKENS = 8
 PROMPTS = ("오늘 본 영화는", "문장: 정말 재미있는 영화 긍부정:", "배우들의 연기가")
 

@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from hubkit.datasets import NSMC_SAMPLE_TEST
 from hubkit.demo import (
     EXAMPLE_PROMPTS,
     KOGPT_PROMPT,
@@ -48,7 +49,7 @@ from hubkit.privacy import mask_personal_data
 ROOT = Path(__file__).resolve().parents[1]
 SPACES = ROOT / "spaces"
 DATA = Path(__file__).parent / "data"
-NSMC_TEST = DATA / "nsmc_test_200.txt"
+NSMC_TEST = NSMC_SAMPLE_TEST
 PROMPT = "이 영화 정말"
 REVIEWS = ["정말 재미있고 감동적인 영화였어요", "시간 낭비였다 너무 지루하다", "배우들 연기가 좋았다"]
 # 250 characters (under the demo's limits) but ~750 byte-level tokens: over the tiny model's 512.

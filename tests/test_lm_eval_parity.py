@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from hubkit.datasets import NSMC_SAMPLE_TEST, NSMC_SAMPLE_TRAIN
+
 pytestmark = pytest.mark.slow
 
 DATA = Path(__file__).parent / "data"
@@ -38,9 +40,9 @@ def lm_eval_scores(
     from lm_eval.tasks import TaskManager
 
     root = tmp_path_factory.mktemp("lm-eval")
-    for name, source, n in (("test", "nsmc_test_200.txt", N_ROWS), ("train", "nsmc_train_200.txt", 20)):
+    for name, source, n in (("test", NSMC_SAMPLE_TEST, N_ROWS), ("train", NSMC_SAMPLE_TRAIN, 20)):
         with (root / f"{name}.jsonl").open("w", encoding="utf-8") as fh:
-            for row in _tsv_rows(DATA / source, n):
+            for row in _tsv_rows(source, n):
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     tasks_dir = root / "tasks"
     tasks_dir.mkdir()
@@ -103,9 +105,9 @@ def hubkit_run(
             "choices": ["부정", "긍정"],
             "fewshot": {"sampler": "first_n"},
         },
-        data=(str(DATA / "nsmc_test_200.txt"),),
+        data=(str(NSMC_SAMPLE_TEST),),
         limit=N_ROWS,
-        fewshot_data=str(DATA / "nsmc_train_200.txt"),
+        fewshot_data=str(NSMC_SAMPLE_TRAIN),
         shots=SHOTS,
         out=str(out),
         backend="vllm",
@@ -128,8 +130,8 @@ def test_loglikelihoods_and_predictions_match_lm_eval(
     frame = pd.read_parquet(hubkit_run.out / "predictions.parquet")
     assert hubkit_run.errors == 0 and len(frame) == N_ROWS * len(SHOTS)
     task = load_task({"name": "p", "prompt": PROMPT, "choices": ["부정", "긍정"]})
-    train = [task.prepare(r, i) for i, r in enumerate(_tsv_rows(DATA / "nsmc_train_200.txt", 200))]
-    test = [task.prepare(r, i) for i, r in enumerate(_tsv_rows(DATA / "nsmc_test_200.txt", N_ROWS))]
+    train = [task.prepare(r, i) for i, r in enumerate(_tsv_rows(NSMC_SAMPLE_TRAIN, 200))]
+    test = [task.prepare(r, i) for i, r in enumerate(_tsv_rows(NSMC_SAMPLE_TEST, N_ROWS))]
     worst = 0.0
     for k in SHOTS:
         ours = frame[frame["shots"] == k].sort_values("row_id")

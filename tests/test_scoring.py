@@ -27,13 +27,14 @@ from typing import Any
 import pytest
 
 from hubkit.cli import main
+from hubkit.datasets import NSMC_SAMPLE_TEST, NSMC_SAMPLE_TRAIN
 from hubkit.errors import DataError
 from hubkit.scoring import JOB_FILE, SHARDS_DIR, ScoreConfig, load_config, run_score
 
 DATA = Path(__file__).parent / "data"
 REPO = Path(__file__).resolve().parent.parent
-TEST_TSV = DATA / "nsmc_test_200.txt"
-TRAIN_TSV = DATA / "nsmc_train_200.txt"
+TEST_TSV = NSMC_SAMPLE_TEST
+TRAIN_TSV = NSMC_SAMPLE_TRAIN
 GRID = (0, 3)
 
 
@@ -618,8 +619,8 @@ def test_ray_job_submit_on_a_two_node_cluster(tiny_model_dir: Path, tmp_path: Pa
     config = tmp_path / "job.yaml"
     # Relative data paths: the job runs in its uploaded copy of the repository (--working-dir .).
     config.write_text(
-        f"model: {tiny_model_dir}\ntask: nsmc\ndata: [tests/data/nsmc_test_200.txt]\n"
-        f"fewshot_data: tests/data/nsmc_train_200.txt\nshots: [0, 2]\nlimit: 60\nout: {out}\n"
+        f"model: {tiny_model_dir}\ntask: nsmc\ndata: [{NSMC_SAMPLE_TEST}]\n"
+        f"fewshot_data: {NSMC_SAMPLE_TRAIN}\nshots: [0, 2]\nlimit: 60\nout: {out}\n"
         "backend: transformers\ndtype: float32\nreplicas: 2\nnum_cpus: 1\nbatch_rows: 20\nsplit: test\n",
         encoding="utf-8",
     )

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from hubkit.datasets import _parse_text, detect_format, parse_columns
+from hubkit.datasets import NSMC_SAMPLE_TEST, _parse_text, detect_format, parse_columns
 from hubkit.engine import Loglikelihood
 from hubkit.errors import DataError
 from hubkit.tasks import (
@@ -38,7 +38,7 @@ def _jsonl(name: str) -> list[dict[str, Any]]:
 
 
 def _nsmc(name: str, n: int | None = None) -> list[dict[str, str]]:
-    lines = (DATA / name).read_text(encoding="utf-8").splitlines()
+    lines = (NSMC_SAMPLE_TEST.parent / name).read_text(encoding="utf-8").splitlines()
     header = lines[0].split("\t")
     return [
         dict(zip(header, line.split("\t"), strict=True)) for line in lines[1 : None if n is None else n + 1]

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from hubkit.datasets import NSMC_SAMPLE_TEST, NSMC_SAMPLE_TRAIN
 from hubkit.errors import DataError, InvalidRequestError
 from hubkit.tuning import TuneConfig, layout, tune
 
 DATA = Path(__file__).parent / "data"
-TRAIN = DATA / "nsmc_train_200.txt"
-EVAL = DATA / "nsmc_test_200.txt"
+TRAIN = NSMC_SAMPLE_TRAIN
+EVAL = NSMC_SAMPLE_TEST
 
 
 def _subset(src: Path, dst: Path, rows: int) -> Path:
