@@ -75,7 +75,7 @@ def plot_confusion(
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
-    ax.set_title(title)
+    ax.set_title(title, **_font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 
@@ -121,12 +121,12 @@ def plot_scores(
             ax.hist(vs, bins=bins, alpha=0.55, label=f"true {ticks[index]} (n={len(vs)})")
     ax.axvline(0.0, color="black", linewidth=1)
     if binary:
-        ax.set_xlabel(f"log-likelihood of {ticks[1]} minus {ticks[0]} (nats)")
+        ax.set_xlabel(f"log-likelihood of {ticks[1]} minus {ticks[0]} (nats)", **_font_kwargs())
     else:
         ax.set_xlabel("log-likelihood margin of the true class (> 0: correct)")
     ax.set_ylabel("rows")
     ax.legend(prop={"family": _hangul_font()} if _hangul_font() else None)
-    ax.set_title(title)
+    ax.set_title(title, **_font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 
@@ -150,7 +150,7 @@ def plot_nshot(points: Mapping[int, float], path: Path, *, metric: str, title: s
     ax.set_xlabel("few-shot examples (n)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.set_title(title)
+    ax.set_title(title, **_font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 
@@ -190,7 +190,7 @@ def plot_labels_predictions(
     ax.set_xlabel("eval row")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside: no dot hidden
-    ax.set_title(title)
+    ax.set_title(title, **_font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 

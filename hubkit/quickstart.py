@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -124,6 +125,12 @@ def run_quickstart(
     if publish:
         scored = [result.scored.out] if result.scored is not None else []
         result = replace(result, published=_publish_stage(console, path, results=scored))
+    name = model or "default"  # as the user named it
+    console.print(
+        f"next: [bold]hubkit demo {name}[/bold] opens the Gradio demos in your browser; "
+        f"[bold]hubkit serve {name}[/bold] serves an OpenAI-compatible API",
+        highlight=False,
+    )
     return result
 
 
@@ -160,7 +167,7 @@ def _score_stage(console, pool, out: Path):
     return scored
 
 
-def _publish_stage(console, path: str, *, results: list[Path]):
+def _publish_stage(console, path: str, *, results: Sequence[Path] = ()):
     """Publishes a local model folder and its card (reporting ``results``) to hubkit's local Hub; prints
     how to fetch it back.
 

@@ -58,6 +58,7 @@ def test_quickstart_generates_korean_scores_nsmc_and_publishes_a_card(tmp_path: 
     # The last stage publishes the model and a card reporting those scores to the local Hub, and says how
     # to fetch them back: fetch the card with the stock client.
     assert "hf download" in out
+    assert "hubkit demo default" in out  # where to go next
     from huggingface_hub import HfApi
 
     from hubkit.publish import client_settings, ensure_local_hub
