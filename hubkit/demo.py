@@ -838,7 +838,8 @@ def _sentiment_ui(client: EngineClient, limits: DemoLimits) -> None:
         with gr.Column():
             headline = gr.Markdown("", elem_id="sentiment-headline")
             plot = gr.BarPlot(x="label", y="probability", label="probabilities", elem_id="sentiment-plot")
-    table = gr.Dataframe(label="Batch", interactive=False, wrap=True)
+    # Empty but with its columns from the start (Gradio would head an empty table "1 2 3").
+    table = gr.Dataframe(value=results_table([]), label="Batch", interactive=False, wrap=True)
     download = gr.File(label="Download (CSV)", interactive=False)
     handler = _sentiment_handler(client, limits)
     run.click(handler, [text, upload], [headline, plot, table, download], api_name="sentiment")
@@ -1087,7 +1088,8 @@ def load_run(run_dir: str | os.PathLike[str], *, preview_rows: int = 200) -> Run
     if pred_file.is_file():
         import pyarrow.parquet as pq
 
-        wanted = ["id", "shots", "text", "label", "prediction", "loglikelihoods", "error"]
+        # The long prompt text last: what a reader compares (label, prediction, scores) stays in view.
+        wanted = ["id", "shots", "label", "prediction", "loglikelihoods", "error", "text"]
         table = pq.read_table(pred_file)
         columns = [c for c in wanted if c in table.column_names]
         predictions = table.select(columns).slice(0, preview_rows).to_pandas()
@@ -1199,7 +1201,8 @@ def _results_ui(runs_dir: Path) -> tuple[Callable[..., Any], list[Any], list[Any
     with gr.Row():
         metrics = gr.Dataframe(label="Metrics by shots", interactive=False)
         per_class = gr.Dataframe(label="Per class", interactive=False)
-    gallery = gr.Gallery(label="Plots", columns=3, height="auto")
+    # "contain": the gallery's default crops each plot to a square thumbnail, cutting off axes and labels.
+    gallery = gr.Gallery(label="Plots", columns=3, height="auto", object_fit="contain")
     predictions = gr.Dataframe(label="Predictions (first rows)", interactive=False, wrap=True)
     with gr.Accordion("report.md", open=False):
         report = gr.Markdown()

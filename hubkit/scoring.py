@@ -1110,7 +1110,7 @@ def write_report(out: Path, metrics: RunMetrics, frame: Any, plots: Sequence[Pat
     data = ", ".join(metrics.config.get("data", [])) if isinstance(metrics.config, Mapping) else ""
     parts.append(
         f"Data: {data or metrics.dataset}. Backend: {metrics.backend}. "
-        f"Parameters: {metrics.model_parameters or 'unknown'}. Written {metrics.created} (schema {metrics.schema})."
+        f"Parameters: {f'{metrics.model_parameters:,}' if metrics.model_parameters else 'unknown'}. Written {metrics.created} (schema {metrics.schema})."
     )
     parts += ["", "## Metrics", "", _md_table(*_metric_rows(metrics)), ""]
     table = nshot_table(metrics)

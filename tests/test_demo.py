@@ -456,6 +456,14 @@ def test_results_space_shows_finished_runs(run_folder: Path, tmp_path: Path) -> 
     view = load_run(run_folder / "nsmc-tiny")
     assert list(view.metrics["shots"]) == [0] and {"acc", "f1_macro"} <= set(view.metrics.columns)
     assert int(view.metrics["rows"][0]) == 24 and len(view.predictions) == 24
+    # What a reader compares comes first; the long prompt text last, so it pushes nothing out of view.
+    assert list(view.predictions.columns)[:4] == ["id", "shots", "label", "prediction"]
+    assert list(view.predictions.columns)[-1] == "text"
+    # Plots are shown whole: Gradio's gallery would crop each to a square thumbnail (axes cut off).
+    from hubkit.demo import build_results_app
+
+    galleries = [c for c in build_results_app(run_folder).config["components"] if c.get("type") == "gallery"]
+    assert galleries and all(c["props"].get("object_fit") == "contain" for c in galleries)
     assert view.plots, "the run folder's plots are shown"
 
     # The Space as a user runs it: `python spaces/results/app.py` with its settings in the environment.
