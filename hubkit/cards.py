@@ -577,12 +577,6 @@ def _figure(width: float = 6.4, height: float = 4.0):
     return Figure(figsize=(width, height), dpi=100, layout="tight")
 
 
-def _tick(label: str, index: int) -> str:
-    # Matplotlib's bundled font has no Hangul: non-ASCII class names become their index in the plot, and the
-    # card prints the mapping ("0 = 부정, 1 = 긍정") as text, which renders everywhere.
-    return label if label.isascii() else str(index)
-
-
 def plot_loss(log: TrainLog, path: Path) -> Path | None:
     """Training loss by step, with held-out perplexity on a second axis when the log has it."""
     if not log.train:
@@ -621,25 +615,12 @@ def plot_loss(log: TrainLog, path: Path) -> Path | None:
 
 
 def plot_confusion(shot: ShotResult, path: Path, *, title: str) -> Path | None:
-    """The confusion matrix with counts."""
+    """The confusion matrix with counts (the run folder's picture, :func:`hubkit.plots.plot_confusion`)."""
     if not shot.confusion or not shot.labels:
         return None
-    matrix = [list(row) for row in shot.confusion]
-    fig = _figure(4.2, 3.8)
-    ax = fig.subplots()
-    image = ax.imshow(matrix, cmap="Blues")
-    fig.colorbar(image, ax=ax)
-    ticks = [_tick(label, i) for i, label in enumerate(shot.labels)]
-    ax.set_xticks(range(len(ticks)), ticks)
-    ax.set_yticks(range(len(ticks)), ticks)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    top = max(max(row) for row in matrix) or 1
-    for i, row in enumerate(matrix):
-        for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
-    ax.set_title(title)
-    return _save(fig, path)
+    from hubkit import plots
+
+    return plots.plot_confusion(shot.labels, shot.confusion, path, title=title)
 
 
 def plot_scores(predictions: Path, shot: ShotResult, path: Path, *, title: str) -> Path | None:
@@ -662,21 +643,22 @@ def plot_scores(predictions: Path, shot: ShotResult, path: Path, *, title: str) 
         margins[index].append(float(lls[index]) - max(map(float, others)))
     if not any(margins.values()):
         return None
+    from hubkit import plots
+
+    # Class names as the run folder's plots draw them: Hangul when the system has a font for it, else the
+    # index (the card prints the mapping "0 = 부정, 1 = 긍정" as text, which renders everywhere).
+    ticks = plots.tick_labels(shot.labels)
     fig = _figure()
     ax = fig.subplots()
     for index, values in margins.items():
         if values:
-            ax.hist(
-                values,
-                bins=40,
-                alpha=0.55,
-                label=f"true {_tick(shot.labels[index], index)} (n={len(values)})",
-            )
+            ax.hist(values, bins=40, alpha=0.55, label=f"true {ticks[index]} (n={len(values)})")
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_xlabel("log-likelihood margin of the true label (> 0: correct)")
     ax.set_ylabel("rows")
-    ax.legend()
-    ax.set_title(title)
+    font = plots.font_kwargs()
+    ax.legend(prop={"family": font["fontfamily"]} if font else None)
+    ax.set_title(title, **font)
     return _save(fig, path)
 
 
@@ -1529,14 +1511,16 @@ def _predictions_plot(tuned: TunedFolder, plot_path, written: list[Path]) -> dic
     from hubkit.plots import plot_labels_predictions
 
     frame = pd.read_parquet(predictions, columns=["label_index", "prediction_index", "error"])
-    frame = frame[frame["error"].isna() & frame["label_index"].notna()].head(PREDICTION_PLOT_ROWS)
+    frame = frame[frame["error"].isna() & frame["label_index"].notna()]
+    shown = frame.head(PREDICTION_PLOT_ROWS)
     labels = list(tuned.tuning.get("labels") or [])
     path = plot_labels_predictions(
         labels,
-        [int(v) for v in frame["label_index"]],
-        [int(v) for v in frame["prediction_index"]],
+        [int(v) for v in shown["label_index"]],
+        [int(v) for v in shown["prediction_index"]],
         target,
-        title=f"{tuned.tuning.get('task', '')}: labels and predictions",
+        title=f"{tuned.tuning.get('task', '')}: labels and predictions"
+        + (f" (first {len(shown)} of {len(frame)} eval rows)" if len(shown) < len(frame) else ""),
     )
     if path is None:
         return None

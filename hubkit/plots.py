@@ -44,7 +44,8 @@ def tick_labels(labels: Sequence[str]) -> list[str]:
     return [label if label.isascii() else str(i) for i, label in enumerate(labels)]
 
 
-def _font_kwargs() -> dict[str, Any]:
+def font_kwargs() -> dict[str, Any]:
+    """Text options that draw Hangul (``fontfamily`` of a Hangul font) when the system has one, else {}."""
     font = _hangul_font()
     return {"fontfamily": font} if font else {}
 
@@ -67,15 +68,15 @@ def plot_confusion(
     image = ax.imshow(matrix, cmap="Blues")
     fig.colorbar(image, ax=ax)
     ticks = tick_labels(labels)
-    ax.set_xticks(range(len(ticks)), ticks, **_font_kwargs())
-    ax.set_yticks(range(len(ticks)), ticks, **_font_kwargs())
+    ax.set_xticks(range(len(ticks)), ticks, **font_kwargs())
+    ax.set_yticks(range(len(ticks)), ticks, **font_kwargs())
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     top = max((max(row) for row in matrix if row), default=0) or 1
     for i, row in enumerate(matrix):
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
-    ax.set_title(title, **_font_kwargs())  # a task or model name may be Korean
+    ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 
@@ -121,12 +122,12 @@ def plot_scores(
             ax.hist(vs, bins=bins, alpha=0.55, label=f"true {ticks[index]} (n={len(vs)})")
     ax.axvline(0.0, color="black", linewidth=1)
     if binary:
-        ax.set_xlabel(f"log-likelihood of {ticks[1]} minus {ticks[0]} (nats)", **_font_kwargs())
+        ax.set_xlabel(f"log-likelihood of {ticks[1]} minus {ticks[0]} (nats)", **font_kwargs())
     else:
         ax.set_xlabel("log-likelihood margin of the true class (> 0: correct)")
     ax.set_ylabel("rows")
     ax.legend(prop={"family": _hangul_font()} if _hangul_font() else None)
-    ax.set_title(title, **_font_kwargs())  # a task or model name may be Korean
+    ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 
@@ -150,7 +151,7 @@ def plot_nshot(points: Mapping[int, float], path: Path, *, metric: str, title: s
     ax.set_xlabel("few-shot examples (n)")
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
-    ax.set_title(title, **_font_kwargs())  # a task or model name may be Korean
+    ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 
@@ -185,13 +186,20 @@ def plot_labels_predictions(
         label=f"wrong prediction ({len(wrong)} of {len(golds)})",
     )
     ticks = tick_labels(labels)
-    ax.set_yticks(range(len(ticks)), ticks, **_font_kwargs())
+    ax.set_yticks(range(len(ticks)), ticks, **font_kwargs())
     ax.set_ylim(-0.5, len(ticks) - 0.5)
     ax.set_xlabel("eval row")
     ax.grid(alpha=0.3, axis="x")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside: no dot hidden
-    ax.set_title(title, **_font_kwargs())  # a task or model name may be Korean
+    ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 
-__all__ = ["plot_confusion", "plot_labels_predictions", "plot_nshot", "plot_scores", "tick_labels"]
+__all__ = [
+    "font_kwargs",
+    "plot_confusion",
+    "plot_labels_predictions",
+    "plot_nshot",
+    "plot_scores",
+    "tick_labels",
+]
