@@ -656,9 +656,8 @@ def plot_scores(predictions: Path, shot: ShotResult, path: Path, *, title: str) 
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_xlabel("log-likelihood margin of the true label (> 0: correct)")
     ax.set_ylabel("rows")
-    font = plots.font_kwargs()
-    ax.legend(prop={"family": font["fontfamily"]} if font else None)
-    ax.set_title(title, **font)
+    plots.legend_outside(ax)
+    ax.set_title(title, **plots.font_kwargs())
     return _save(fig, path)
 
 

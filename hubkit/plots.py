@@ -50,6 +50,13 @@ def font_kwargs() -> dict[str, Any]:
     return {"fontfamily": font} if font else {}
 
 
+def legend_outside(ax: Any) -> None:
+    """The axes' legend right of the plot, where it hides no bar or dot, in a font that draws Hangul."""
+    font = _hangul_font()
+    prop = {"size": "small", **({"family": font} if font else {})}
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), prop=prop)
+
+
 def _save(fig: Any, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -126,7 +133,7 @@ def plot_scores(
     else:
         ax.set_xlabel("log-likelihood margin of the true class (> 0: correct)")
     ax.set_ylabel("rows")
-    ax.legend(prop={"family": _hangul_font()} if _hangul_font() else None)
+    legend_outside(ax)
     ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
@@ -190,13 +197,14 @@ def plot_labels_predictions(
     ax.set_ylim(-0.5, len(ticks) - 0.5)
     ax.set_xlabel("eval row")
     ax.grid(alpha=0.3, axis="x")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")  # outside: no dot hidden
+    legend_outside(ax)
     ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
     return _save(fig, path)
 
 
 __all__ = [
     "font_kwargs",
+    "legend_outside",
     "plot_confusion",
     "plot_labels_predictions",
     "plot_nshot",
