@@ -529,7 +529,9 @@ class _Meter:
             parts.append(f"first token {self.first - self.started:.2f} s")
         parts.append(f"{elapsed:.1f} s")
         if done:
-            parts.append({"length": "max_length reached", "stop": "stopped"}.get(self.finish or "", "done"))
+            # "stop" is the model's end of text or a stop string, not the Stop button (that leaves "done").
+            ended = {"length": "max_length reached", "stop": "ended: end of text or stop string"}
+            parts.append(ended.get(self.finish or "", "done"))
         return " · ".join(parts)
 
 

@@ -156,7 +156,9 @@ def test_generate_in_the_browser(demo_url: str, browser: Any, tmp_path: Path) ->
 
     def finished(d: Any) -> bool:
         stats = _css(d, "#generate-stats").text
-        return "tokens/s" in stats and any(w in stats for w in ("max_length reached", "stopped", "done"))
+        return "tokens/s" in stats and any(
+            w in stats for w in ("max_length reached", "ended: end of text", "done")
+        )
 
     _wait(browser, finished, "the generation to finish")
     output = _css(browser, "#generate-output textarea").get_attribute("value")
