@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hubkit import plots as draw  # `plots` is build_card's switch
 from hubkit.errors import DataError, InvalidRequestError
 
 if TYPE_CHECKING:
@@ -570,18 +571,11 @@ def _split(run: RunMetrics) -> str | None:
 # --------------------------------------------------------------------------------------------- plots
 
 
-def _figure(width: float = 6.4, height: float = 4.0):
-    # The object-oriented API with no pyplot: no global state, no GUI backend, safe in threads.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100, layout="tight")
-
-
 def plot_loss(log: TrainLog, path: Path) -> Path | None:
     """Training loss by step, with held-out perplexity on a second axis when the log has it."""
     if not log.train:
         return None
-    fig = _figure()
+    fig = draw.figure()
     ax = fig.subplots()
     ax.plot(
         [r["step"] for r in log.train],
@@ -611,16 +605,14 @@ def plot_loss(log: TrainLog, path: Path) -> Path | None:
         handles, labels = handles + more[0], labels + more[1]
     ax.legend(handles, labels, loc="upper right")
     ax.set_title("Training")
-    return _save(fig, path)
+    return draw.save_png(fig, path)
 
 
 def plot_confusion(shot: ShotResult, path: Path, *, title: str) -> Path | None:
     """The confusion matrix with counts (the run folder's picture, :func:`hubkit.plots.plot_confusion`)."""
     if not shot.confusion or not shot.labels:
         return None
-    from hubkit import plots
-
-    return plots.plot_confusion(shot.labels, shot.confusion, path, title=title)
+    return draw.plot_confusion(shot.labels, shot.confusion, path, title=title)
 
 
 def plot_scores(predictions: Path, shot: ShotResult, path: Path, *, title: str) -> Path | None:
@@ -643,12 +635,10 @@ def plot_scores(predictions: Path, shot: ShotResult, path: Path, *, title: str) 
         margins[index].append(float(lls[index]) - max(map(float, others)))
     if not any(margins.values()):
         return None
-    from hubkit import plots
-
     # Class names as the run folder's plots draw them: Hangul when the system has a font for it, else the
     # index (the card prints the mapping "0 = 부정, 1 = 긍정" as text, which renders everywhere).
-    ticks = plots.tick_labels(shot.labels)
-    fig = _figure()
+    ticks = draw.tick_labels(shot.labels)
+    fig = draw.figure()
     ax = fig.subplots()
     for index, values in margins.items():
         if values:
@@ -656,9 +646,9 @@ def plot_scores(predictions: Path, shot: ShotResult, path: Path, *, title: str) 
     ax.axvline(0.0, color="black", linewidth=1)
     ax.set_xlabel("log-likelihood margin of the true label (> 0: correct)")
     ax.set_ylabel("rows")
-    plots.legend_outside(ax)
-    ax.set_title(title, **plots.font_kwargs())
-    return _save(fig, path)
+    draw.legend_outside(ax)
+    ax.set_title(title, **draw.font_kwargs())
+    return draw.save_png(fig, path)
 
 
 def plot_nshot(
@@ -667,7 +657,7 @@ def plot_nshot(
     """One line per model: the headline metric against the number of few-shot examples."""
     if not any(len(points) >= 2 for points in series.values()):
         return None
-    fig = _figure()
+    fig = draw.figure()
     ax = fig.subplots()
     for name, points in series.items():
         shots = sorted(points)
@@ -677,13 +667,7 @@ def plot_nshot(
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, path)
-
-
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    return path
+    return draw.save_png(fig, path)
 
 
 def _label_index(label: Any, labels: Sequence[str]) -> int | None:
@@ -1507,13 +1491,11 @@ def _predictions_plot(tuned: TunedFolder, plot_path, written: list[Path]) -> dic
         return None
     import pandas as pd
 
-    from hubkit.plots import plot_labels_predictions
-
     frame = pd.read_parquet(predictions, columns=["label_index", "prediction_index", "error"])
     frame = frame[frame["error"].isna() & frame["label_index"].notna()]
     shown = frame.head(PREDICTION_PLOT_ROWS)
     labels = list(tuned.tuning.get("labels") or [])
-    path = plot_labels_predictions(
+    path = draw.plot_labels_predictions(
         labels,
         [int(v) for v in shown["label_index"]],
         [int(v) for v in shown["prediction_index"]],

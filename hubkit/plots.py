@@ -14,7 +14,8 @@ from typing import Any
 _HANGUL_FONT: list[str | None] = []
 
 
-def _figure(width: float = 6.4, height: float = 4.0) -> Any:
+def figure(width: float = 6.4, height: float = 4.0) -> Any:
+    """A matplotlib Figure on the Agg canvas (no pyplot: no global state, no GUI, safe in threads)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="tight")
@@ -57,7 +58,8 @@ def legend_outside(ax: Any) -> None:
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), prop=prop)
 
 
-def _save(fig: Any, path: Path) -> Path:
+def save_png(fig: Any, path: Path) -> Path:
+    """Writes ``fig`` to ``path`` as PNG through a temporary file, so a reader never sees half a plot."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fig.savefig(tmp, format="png")
@@ -69,7 +71,7 @@ def plot_confusion(
     labels: Sequence[str], confusion: Sequence[Sequence[int]], path: Path, *, title: str
 ) -> Path:
     """The confusion matrix with counts (rows: true class, columns: predicted class)."""
-    fig = _figure(4.6, 4.0)
+    fig = figure(4.6, 4.0)
     ax = fig.subplots()
     matrix = [list(row) for row in confusion]
     image = ax.imshow(matrix, cmap="Blues")
@@ -84,7 +86,7 @@ def plot_confusion(
         for j, value in enumerate(row):
             ax.text(j, i, str(value), ha="center", va="center", color="white" if value > top / 2 else "black")
     ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_scores(
@@ -118,7 +120,7 @@ def plot_scores(
             values[gold].append(float(lls[gold]) - max(others))
     if not any(values.values()):
         return None
-    fig = _figure()
+    fig = figure()
     ax = fig.subplots()
     everything = [v for vs in values.values() for v in vs]
     lo, hi = min(everything), max(everything)
@@ -135,7 +137,7 @@ def plot_scores(
     ax.set_ylabel("rows")
     legend_outside(ax)
     ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_nshot(points: Mapping[int, float], path: Path, *, metric: str, title: str) -> Path | None:
@@ -143,7 +145,7 @@ def plot_nshot(points: Mapping[int, float], path: Path, *, metric: str, title: s
     if len(points) < 2:
         return None
     shots = sorted(points)
-    fig = _figure()
+    fig = figure()
     ax = fig.subplots()
     ax.plot(shots, [points[s] for s in shots], "o-")
     for s in shots:
@@ -159,7 +161,7 @@ def plot_nshot(points: Mapping[int, float], path: Path, *, metric: str, title: s
     ax.set_ylabel(metric)
     ax.grid(alpha=0.3)
     ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_labels_predictions(
@@ -179,7 +181,7 @@ def plot_labels_predictions(
     """
     if not golds or len(golds) != len(predictions):
         return None
-    fig = _figure(max(6.4, min(14.0, len(golds) * 0.08)), 3.2)
+    fig = figure(max(6.4, min(14.0, len(golds) * 0.08)), 3.2)
     ax = fig.subplots()
     xs = list(range(len(golds)))
     ax.plot(xs, golds, "o", color="tab:blue", markersize=4, label="label")
@@ -199,15 +201,17 @@ def plot_labels_predictions(
     ax.grid(alpha=0.3, axis="x")
     legend_outside(ax)
     ax.set_title(title, **font_kwargs())  # a task or model name may be Korean
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 __all__ = [
+    "figure",
     "font_kwargs",
     "legend_outside",
     "plot_confusion",
     "plot_labels_predictions",
     "plot_nshot",
     "plot_scores",
+    "save_png",
     "tick_labels",
 ]
