@@ -134,6 +134,13 @@ def run_quickstart(
     return result
 
 
+def _skipped(console, stage: str, exc: Exception) -> None:
+    """One line saying a later stage failed and why; the stages before it already ran."""
+    from rich.markup import escape
+
+    console.print(f"[yellow]{stage} skipped:[/yellow] {escape(str(exc))}", highlight=False)
+
+
 def _score_stage(console, pool, out: Path):
     """Scores NSMC sentiment on hubkit's shipped sample, 0- and 5-shot, and prints the metrics.
 
@@ -159,9 +166,7 @@ def _score_stage(console, pool, out: Path):
     try:
         scored = run_score(config, pool=pool)
     except HubkitError as exc:
-        from rich.markup import escape
-
-        console.print(f"[yellow]scoring skipped:[/yellow] {escape(str(exc))}", highlight=False)
+        _skipped(console, "scoring", exc)
         return None
     print_summary(scored, console=console)
     return scored
@@ -186,9 +191,7 @@ def _publish_stage(console, path: str, *, results: Sequence[Path] = ()):
     try:
         published = publish(folder, repo_id, local=True, results=results)
     except HubkitError as exc:
-        from rich.markup import escape
-
-        console.print(f"[yellow]publish skipped:[/yellow] {escape(str(exc))}", highlight=False)
+        _skipped(console, "publish", exc)
         return None
     console.print(published.summary(), markup=False, highlight=False)
     return published
