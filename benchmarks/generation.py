@@ -106,6 +106,12 @@ def bench_transformers(
     return rows
 
 
+#: Quiet time before each timed round. vLLM's engine processes poll their queues for a second after
+#: their last message (shm_broadcast's busy loop), so an engine that just finished still takes CPU from
+#: the next system measured; hubkit's pool engines run in their actors and do not poll.
+_SETTLE_S = 2.0
+
+
 def bench_vllm_and_pool(
     setting: str, model: str, prompts: list[str], params, rounds: int, replicas: list[int]
 ) -> list[Row]:
@@ -131,9 +137,11 @@ def bench_vllm_and_pool(
             try:
                 pool.generate(prompts[:4], params)
                 for _ in range(rounds):
+                    time.sleep(_SETTLE_S)
                     t0 = time.perf_counter()
                     out = llm.generate(prompts, vparams, use_tqdm=False)
                     bare.append((sum(len(o.outputs[0].token_ids) for o in out), time.perf_counter() - t0))
+                    time.sleep(_SETTLE_S)
                     t0 = time.perf_counter()
                     res = pool.generate(prompts, params)
                     ours[n].append((sum(c.completion_tokens for c in res), time.perf_counter() - t0))

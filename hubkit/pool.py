@@ -78,7 +78,7 @@ _ACTOR_ENV_DEFAULTS = {
 #: same cores then lacks: one call per prompt cost a tiny model ~15% of its throughput (2 CPUs), while
 #: chunks of 16-64 were within noise of each other. Small enough to balance actors and move a progress bar.
 _GENERATE_CHUNK = 32
-_LOGLIKELIHOOD_CHUNK = 32
+_LOGLIKELIHOOD_CHUNK = 256
 #: How long ``info()`` waits for each actor to answer before counting it as not alive.
 _PING_TIMEOUT_S = 10.0
 #: How long a new pool waits for CPUs that recently killed actors are still giving back.
@@ -195,8 +195,12 @@ class EngineActor:
             binding = cpu_binding(
                 int(os.environ.get(_SLOT_ENV, "0")), int(os.environ.get(_REPLICAS_ENV, "1")), node_cpus()
             )
-            if binding is not None:  # inherited by the engine processes vLLM spawns from here
+            if binding is not None:  # read by the engine, in this process or the ones vLLM spawns
                 os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+        if backend == "vllm":
+            # The actor process holds nothing but its engine, so the engine runs in it (VLLMBackend's
+            # in_process): no engine-core and worker processes competing with other actors for cores.
+            options = {"in_process": True, **options}
         try:
             # Built off the event loop: engines start in a sync context, as they do outside Ray, and the
             # loop stays free to answer pings while a large model loads.

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -57,6 +59,22 @@ def vllm_backend(tiny_model_dir: Path):
     print(f"\n[vllm] engine start: {backend.start_seconds:.1f} s")
     yield backend
     backend.shutdown()
+
+
+def test_engine_processes_run_intel_openmp(vllm_backend: Any) -> None:
+    # hubkit preloads libiomp5 into the engine processes vLLM spawns (openmp_preload); this process
+    # keeps its own environment.
+    import psutil
+
+    from hubkit.backends.vllm import intel_openmp, openmp_preload
+
+    if intel_openmp() is None or openmp_preload() is None:
+        pytest.skip("no libiomp5 in this environment, or the environment chose another OpenMP runtime")
+    workers = [p for p in psutil.Process().children(recursive=True) if "Worker" in p.name()]
+    assert workers
+    for worker in workers:
+        assert any("libiomp5" in m.path for m in worker.memory_maps()), worker.name()
+    assert "libiomp5" not in os.environ.get("LD_PRELOAD", "")
 
 
 @pytest.fixture(scope="module")

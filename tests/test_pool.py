@@ -126,7 +126,8 @@ def test_pool_reports_its_shape(pool: Any, tiny_model_dir: Path) -> None:
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two cores")
 def test_replicas_compute_on_different_cores(pool: Any) -> None:
-    # vLLM's own "auto" binding pins every engine's worker to the same core; the pool splits them.
+    # vLLM's own "auto" binding pins every engine to the same core; the pool splits them. The engines
+    # run inside the actors (VLLMBackend's in_process): no engine-core or worker processes of their own.
     import psutil
 
     from hubkit.pool import cpu_binding
@@ -137,28 +138,18 @@ def test_replicas_compute_on_different_cores(pool: Any) -> None:
     assert sorted(a["cpu_binding"] for a in actors) == sorted(
         cpu_binding(s, 2, sorted(os.sched_getaffinity(0))) for s in (0, 1)
     )
-    workers = [
-        p for a in actors for p in psutil.Process(a["pid"]).children(recursive=True) if "Worker" in p.name()
-    ]
-    cores = [frozenset(w.cpu_affinity()) for w in workers]
-    assert len(cores) == 2 and cores[0].isdisjoint(cores[1]), cores
-
-
-def test_engine_workers_run_intel_openmp(pool: Any) -> None:
-    # hubkit preloads libiomp5 into the engine processes it spawns (openmp_preload); the actor itself
-    # keeps its own environment.
-    import psutil
-
-    from hubkit.backends.vllm import intel_openmp, openmp_preload
-
-    if intel_openmp() is None or openmp_preload() is None:
-        pytest.skip("no libiomp5 in this environment, or the environment chose another OpenMP runtime")
-    for actor in pool.info()["actors"]:
-        workers = [p for p in psutil.Process(actor["pid"]).children(recursive=True) if "Worker" in p.name()]
-        assert workers
-        for worker in workers:
-            assert any("libiomp5" in m.path for m in worker.memory_maps()), worker.name()
-        assert "libiomp5" not in psutil.Process(actor["pid"]).environ().get("LD_PRELOAD", "")
+    everywhere = frozenset(os.sched_getaffinity(0))
+    pinned = []
+    for actor in actors:
+        process = psutil.Process(actor["pid"])
+        assert not [
+            p.name() for p in process.children(recursive=True) if "Engine" in p.name() or "Worker" in p.name()
+        ]
+        # The engine's compute threads: pinned to the actor's share, unlike Ray's own threads.
+        cores = {frozenset(os.sched_getaffinity(t.id)) for t in process.threads()} - {everywhere}
+        assert cores == {frozenset(int(c) for c in actor["cpu_binding"].split(","))}, cores
+        pinned.append(cores.pop())
+    assert pinned[0].isdisjoint(pinned[1]), pinned
 
 
 def test_engine_process_env_sets_and_restores(monkeypatch: pytest.MonkeyPatch) -> None:

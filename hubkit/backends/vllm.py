@@ -62,6 +62,11 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    from hubkit.backends.vllm_inprocess import InProcessEngine
+
+    #: What the backend drives: vLLM's AsyncLLM, or hubkit's in-process driver with the same interface.
+    _Engine = AsyncLLM | InProcessEngine
+
 T = TypeVar("T")
 
 _DTYPES = {"auto", "float32", "float", "bfloat16", "float16", "half"}
@@ -154,6 +159,12 @@ class VLLMBackend:
             MLP at the last token of each request only (vLLM's ``kv_sharing_fast_prefill`` contract).
             Scoring then always uses next-token chains; multiple-choice scoring gets faster, with the
             same numbers. ``hubkit score`` starts its engines this way for multiple-choice tasks.
+        in_process: Run vLLM's engine core and model in this process, stepped by hubkit
+            (:class:`hubkit.backends.vllm_inprocess.InProcessEngine`), instead of in the two processes
+            ``AsyncLLM`` spawns. Faster where cores are few (no processes polling each other for the
+            same cores), but the engine then owns process-wide settings (vLLM pins its threads and makes
+            ``torch.set_num_threads`` a no-op): for processes that hold nothing else. The engine pool's
+            Ray actors start their engines this way.
         **engine_options: Passed to ``vllm.AsyncEngineArgs`` (e.g. ``max_num_seqs=64``,
             ``enable_prefix_caching=False``).
 
@@ -184,6 +195,7 @@ class VLLMBackend:
         fast_scoring: bool = True,
         adapter: str | None = None,
         prompt_logprobs: bool = True,
+        in_process: bool = False,
         **engine_options: Any,
     ) -> None:
         if dtype not in _DTYPES:
@@ -236,6 +248,10 @@ class VLLMBackend:
 
             processors = list(engine_options.pop("logits_processors", None) or [])
             engine_options["logits_processors"] = [*processors, FORCED_TOKENS_FQCN]
+        self.in_process = bool(in_process)
+        if self.in_process:
+            # The model in the engine's own process: vLLM's default on CPU would spawn a worker for it.
+            engine_options.setdefault("distributed_executor_backend", "uni")
         # Scoring reads log-probs; "*_logits" modes would hand back raw logits instead.
         logprobs_mode = engine_options.pop("logprobs_mode", "raw_logprobs")
         if logprobs_mode not in ("raw_logprobs", "processed_logprobs"):
@@ -260,12 +276,12 @@ class VLLMBackend:
                 f"unknown vLLM engine option ({exc}); see vllm.AsyncEngineArgs"
             ) from exc
 
-        self._engine: AsyncLLM | None = None
+        self._engine: _Engine | None = None
         self._loop = _EngineLoop(f"hubkit-vllm-{_short(resolved)}")
         started = time.perf_counter()
         try:
             with engine_process_env() if current_platform.is_cpu() else contextlib.nullcontext():
-                self._engine = self._loop.submit(_start_engine(args)).result()
+                self._engine = self._loop.submit(_start_engine(args, in_process=self.in_process)).result()
         except BaseException as exc:
             self._loop.stop()
             if not isinstance(exc, Exception):
@@ -479,7 +495,7 @@ class VLLMBackend:
     def _soft_positions(self) -> int:
         return self.adapter.num_virtual_tokens if self.adapter is not None else 0
 
-    def _require_engine(self) -> AsyncLLM:
+    def _require_engine(self) -> _Engine:
         if self._engine is None:
             raise EngineError("this vLLM backend was shut down; create a new one")
         return self._engine
@@ -817,7 +833,7 @@ def _prefix_cost(context_len: int, depth: int, block_size: int, prefix_caching: 
 
 
 async def _run_plan(
-    engine: AsyncLLM,
+    engine: _Engine,
     inputs: Sequence[tuple[list[int], int]],
     plan: ScoringPlan,
     *,
@@ -854,7 +870,7 @@ async def _run_plan(
 
 
 async def _read_chain(
-    engine: AsyncLLM, chain: Chain, *, soft_prompt: Any = None
+    engine: _Engine, chain: Chain, *, soft_prompt: Any = None
 ) -> list[tuple[dict[int, float], int]]:
     """Per position of the chain: the log-probs of the targets there, and the greedy token there.
 
@@ -911,7 +927,7 @@ async def _read_chain(
 
 
 async def _prompt_logprobs_score(
-    engine: AsyncLLM, tokens: list[int], ctxlen: int, *, soft_prompt: Any = None
+    engine: _Engine, tokens: list[int], ctxlen: int, *, soft_prompt: Any = None
 ) -> Loglikelihood:
     """Scores one input from vLLM's prompt log-probs, as lm-eval's vLLM backend does.
 
@@ -1013,14 +1029,19 @@ def engine_process_env() -> Iterator[None]:
                 os.environ[key] = value
 
 
-async def _start_engine(args: Any) -> AsyncLLM:
+async def _start_engine(args: Any, *, in_process: bool) -> _Engine:
+    # Built inside the engine loop so its output handler and ZMQ sockets (or, in process, its stepping
+    # task and pinned compute threads) belong to that loop and its thread.
+    if in_process:
+        from hubkit.backends.vllm_inprocess import InProcessEngine
+
+        return await InProcessEngine.start(args)
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    # Built inside the engine loop so its output handler and ZMQ sockets belong to that loop.
     return AsyncLLM.from_engine_args(args)
 
 
-async def _shutdown_engine(engine: AsyncLLM) -> None:
+async def _shutdown_engine(engine: _Engine) -> None:
     engine.shutdown()
 
 
@@ -1148,6 +1169,8 @@ def _translate(exc: BaseException) -> HubkitError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, VLLMClientError):
         return InvalidRequestError(f"vLLM rejected the request: {first}")
+    if type(exc).__name__ == "EngineDeadError":  # vLLM's, or the in-process driver's
+        return EngineError(f"vLLM's engine stopped ({first}); start a new backend, this one cannot recover")
     return EngineError(
         f"vLLM failed ({type(exc).__name__}: {first}); retry, or restart the engine if it persists"
     )
