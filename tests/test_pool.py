@@ -335,6 +335,37 @@ def test_actor_killed_mid_request_is_replaced_and_its_requests_retried(
     assert pool.generate(PROMPTS, GREEDY_24) == reference["greedy"]
 
 
+def test_actor_whose_engine_stopped_is_replaced_and_its_requests_retried(
+    pool: Any, reference: dict[str, Any]
+) -> None:
+    import ray
+    from ray.exceptions import RayActorError
+
+    deadline = time.monotonic() + 300
+    while (info := pool.info())["alive"] < 2:  # after the previous test's replacement
+        assert time.monotonic() < deadline, info
+        time.sleep(2)
+    restarts = info["restarts"]
+    victim = pool.actors[0]
+
+    def break_engine(actor: Any) -> None:
+        # The engine's next step fails inside the live actor process (a fault injected for the test; the
+        # process itself stays up, as it would after a Python error in vLLM's step).
+        def fail() -> None:
+            raise RuntimeError("simulated engine failure")
+
+        actor._backend._engine._engine.step = fail
+
+    ray.get(victim.__ray_call__.remote(break_engine), timeout=60)
+    # One prompt per call (8 prompts over 2 actors): the victim gets some, fails them, exits, and the pool
+    # retries them on the other actor. The caller sees the reference answers, no error.
+    assert pool.generate(PROMPTS, GREEDY_24) == reference["greedy"]
+    with pytest.raises(RayActorError):
+        ray.get(victim.info.remote(), timeout=60)
+    info = pool.info()
+    assert info["restarts"] == restarts + 1 and pool.actors[0] is not victim, info
+
+
 # ----------------------------------------------------------------------------------------------------
 # An existing cluster
 # ----------------------------------------------------------------------------------------------------

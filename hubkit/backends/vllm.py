@@ -1,7 +1,9 @@
 """The vLLM backend: hubkit's default engine (paged attention, continuous batching).
 
-It wraps vLLM's async engine (``vllm.v1.engine.async_llm.AsyncLLM``), so concurrent ``generate`` /
-``stream`` / ``loglikelihood`` calls from many coroutines are batched together by vLLM's scheduler.
+It wraps vLLM's async engine (``vllm.v1.engine.async_llm.AsyncLLM``), or with ``in_process=True`` hubkit's
+driver over vLLM's engine in this process (:mod:`hubkit.backends.vllm_inprocess`, what the pool's actors
+run), so concurrent ``generate`` / ``stream`` / ``loglikelihood`` calls from many coroutines are batched
+together by vLLM's scheduler.
 
 The engine lives on its own event loop in a background thread. Every public coroutine hops onto that
 loop and back, so one backend can be used from any event loop (a Ray actor's, Gradio's, one
@@ -77,7 +79,7 @@ _request_counter = itertools.count()
 
 
 class _EngineLoop:
-    """An asyncio loop running forever in a daemon thread; the AsyncLLM is created and used only here."""
+    """An asyncio loop running forever in a daemon thread; the engine is created and used only here."""
 
     def __init__(self, name: str) -> None:
         self.loop = asyncio.new_event_loop()
@@ -302,6 +304,12 @@ class VLLMBackend:
             self.max_model_len -= self.adapter.num_virtual_tokens
 
     # -- public API ----------------------------------------------------------------------------------
+
+    @property
+    def is_dead(self) -> bool:
+        """True when the engine stopped by itself (not by :meth:`shutdown`): every request now fails."""
+        engine = self._engine
+        return engine is not None and bool(getattr(engine, "errored", False))
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:

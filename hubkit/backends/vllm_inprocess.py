@@ -88,6 +88,11 @@ class InProcessEngine:
                 # Closed early (the caller cancelled, or stopped reading a stream): free its KV blocks.
                 self._engine.abort_request([request_id])
 
+    @property
+    def errored(self) -> bool:
+        """True once the engine stopped (its step failed, or it was shut down), like ``AsyncLLM.errored``."""
+        return self._error is not None
+
     def shutdown(self) -> None:
         """Stops stepping, fails the requests still waiting, and frees the engine. Safe to call twice."""
         self._stepper.cancel()
