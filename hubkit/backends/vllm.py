@@ -164,9 +164,10 @@ class VLLMBackend:
         in_process: Run vLLM's engine core and model in this process, stepped by hubkit
             (:class:`hubkit.backends.vllm_inprocess.InProcessEngine`), instead of in the two processes
             ``AsyncLLM`` spawns. Faster where cores are few (no processes polling each other for the
-            same cores), but the engine then owns process-wide settings (vLLM pins its threads and makes
-            ``torch.set_num_threads`` a no-op): for processes that hold nothing else. The engine pool's
-            Ray actors start their engines this way.
+            same cores), but the engine then owns process-wide settings (vLLM makes
+            ``torch.set_num_threads`` a no-op): for processes that hold nothing else. The engine thread
+            computes on the cores of ``VLLM_CPU_OMP_THREADS_BIND``. The engine pool's Ray actors start
+            their engines this way.
         **engine_options: Passed to ``vllm.AsyncEngineArgs`` (e.g. ``max_num_seqs=64``,
             ``enable_prefix_caching=False``).
 
