@@ -239,49 +239,42 @@ class EngineActor:
             "cpu_binding": os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
         }
 
-    def _exit_if_engine_died(self) -> None:
-        """Ends this actor's process when its engine stopped by itself, so that the pool, seeing the actor
-        die, replaces it and retries its requests: a dead engine does not come back, and an actor that only
-        answered errors would never be replaced."""
-        if getattr(self._backend, "is_dead", False):
-            logger.error("the engine of this actor stopped; exiting so that the pool replaces the actor")
-            os._exit(1)
+    @contextlib.contextmanager
+    def _exit_if_engine_dies(self) -> Iterator[None]:
+        """Ends this actor's process when an engine error came from an engine that stopped by itself, so
+        that the pool, seeing the actor die, replaces it and retries its requests: a dead engine does not
+        come back, and an actor that only answered errors would never be replaced."""
+        try:
+            yield
+        except EngineError:
+            if getattr(self._backend, "is_dead", False):
+                logger.error("the engine of this actor stopped; exiting so that the pool replaces the actor")
+                os._exit(1)
+            raise
 
     async def generate(self, prompt: str, params: SamplingParams) -> Completion:
-        try:
+        with self._exit_if_engine_dies():
             return await self._check(1).generate(prompt, params)
-        except EngineError:
-            self._exit_if_engine_died()
-            raise
 
     async def generate_batch(self, prompts: Sequence[str], params: SamplingParams) -> list[Completion]:
         """Generates all prompts concurrently so the engine batches them; results in prompt order."""
         backend = self._check(len(prompts))
-        try:
+        with self._exit_if_engine_dies():
             if hasattr(backend, "generate_many"):  # vLLM: one hop to its engine loop for the whole chunk
                 return await backend.generate_many(prompts, params)
             return await _gather_or_cancel([backend.generate(p, params) for p in prompts])
-        except EngineError:
-            self._exit_if_engine_died()
-            raise
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncIterator[CompletionChunk]:
         """Yields chunks as the engine produces them (a Ray streaming generator for the caller)."""
-        try:
+        with self._exit_if_engine_dies():
             async for chunk in self._check(1).stream(prompt, params):
                 yield chunk
-        except EngineError:
-            self._exit_if_engine_died()
-            raise
 
     async def loglikelihood(
         self, requests: Sequence[LoglikelihoodRequest], greedy: bool
     ) -> list[Loglikelihood]:
-        try:
+        with self._exit_if_engine_dies():
             return await self._check(len(requests)).loglikelihood(list(requests), greedy=greedy)
-        except EngineError:
-            self._exit_if_engine_died()
-            raise
 
     async def prompt_logprobs(self, token_ids: Sequence[int], top: int, max_tokens: int) -> PromptLogprobs:
         backend = self._check(1)
@@ -289,11 +282,8 @@ class EngineActor:
             raise InvalidRequestError(
                 f"the {self._backend_name} backend cannot report prompt log-probs; use /v1/loglikelihood"
             )
-        try:
+        with self._exit_if_engine_dies():
             return await backend.prompt_logprobs(list(token_ids), top=top, max_tokens=max_tokens)
-        except EngineError:
-            self._exit_if_engine_died()
-            raise
 
     def shutdown(self) -> None:
         """Frees the engine (its processes and memory); the actor is killed after this."""
