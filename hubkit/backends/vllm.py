@@ -1171,6 +1171,9 @@ def _short(path: str) -> str:
 def _translate(exc: BaseException) -> HubkitError:
     """Maps vLLM's exceptions onto hubkit's: client errors stay fixable, the rest are engine errors."""
     from vllm.exceptions import VLLMClientError
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    from hubkit.backends.vllm_inprocess import EngineDeadError as InProcessEngineDeadError
 
     # vLLM wraps unexpected failures in EngineGenerateError, whose own message is empty.
     if exc.__cause__ is not None and not str(exc).strip():
@@ -1178,7 +1181,7 @@ def _translate(exc: BaseException) -> HubkitError:
     first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if isinstance(exc, VLLMClientError):
         return InvalidRequestError(f"vLLM rejected the request: {first}")
-    if type(exc).__name__ == "EngineDeadError":  # vLLM's, or the in-process driver's
+    if isinstance(exc, EngineDeadError | InProcessEngineDeadError):
         return EngineError(f"vLLM's engine stopped ({first}); start a new backend, this one cannot recover")
     return EngineError(
         f"vLLM failed ({type(exc).__name__}: {first}); retry, or restart the engine if it persists"
