@@ -274,6 +274,15 @@ def test_pool_that_cannot_fit_is_refused_up_front(pool: Any, tiny_model_dir: Pat
         pool_module.EnginePool(str(tiny_model_dir), replicas=1000)
 
 
+def _wait_until_alive(pool: Any, actors: int, *, timeout: float = 300) -> dict[str, Any]:
+    """Waits until the pool has ``actors`` live actors (a replacement loads its engine); returns its info."""
+    deadline = time.monotonic() + timeout
+    while (info := pool.info())["alive"] < actors:
+        assert time.monotonic() < deadline, info
+        time.sleep(2)
+    return info
+
+
 def test_actor_killed_mid_request_is_replaced_and_its_requests_retried(
     pool: Any, reference: dict[str, Any]
 ) -> None:
@@ -327,10 +336,7 @@ def test_actor_killed_mid_request_is_replaced_and_its_requests_retried(
     info = pool.info()
     assert (info["restarts"], info["alive"], info["starting"]) == (restarts + 1, 1, 1)
     assert pool.actors[0] is not victim and pool.actors[1] is survivor
-    deadline = time.monotonic() + 300
-    while (info := pool.info())["alive"] < 2:
-        assert time.monotonic() < deadline, info
-        time.sleep(2)
+    info = _wait_until_alive(pool, 2)
     assert info["restarts"] == restarts + 1
     assert pool.generate(PROMPTS, GREEDY_24) == reference["greedy"]
 
@@ -341,11 +347,7 @@ def test_actor_whose_engine_stopped_is_replaced_and_its_requests_retried(
     import ray
     from ray.exceptions import RayActorError
 
-    deadline = time.monotonic() + 300
-    while (info := pool.info())["alive"] < 2:  # after the previous test's replacement
-        assert time.monotonic() < deadline, info
-        time.sleep(2)
-    restarts = info["restarts"]
+    restarts = _wait_until_alive(pool, 2)["restarts"]  # after the previous test's replacement
     victim = pool.actors[0]
 
     def break_engine(actor: Any) -> None:
