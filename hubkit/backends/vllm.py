@@ -1021,10 +1021,18 @@ def engine_process_env() -> Iterator[None]:
     runtime: see :func:`openmp_preload`. The process's own environment is restored on leaving.
     """
     name = "VLLM_CPU_OMP_THREADS_BIND"
-    changes = {
-        name: None if name in os.environ else cpu_binding(0, 1, node_cpus()),
-        "LD_PRELOAD": openmp_preload(),
-    }
+    with scoped_environ(
+        {
+            name: None if name in os.environ else cpu_binding(0, 1, node_cpus()),
+            "LD_PRELOAD": openmp_preload(),
+        }
+    ):
+        yield
+
+
+@contextlib.contextmanager
+def scoped_environ(changes: dict[str, str | None]) -> Iterator[None]:
+    """Sets the environment variables whose value is not None inside the block, restoring them after."""
     saved = {key: os.environ.get(key) for key, value in changes.items() if value is not None}
     for key in saved:
         os.environ[key] = str(changes[key])

@@ -28,7 +28,7 @@ import asyncio
 import contextlib
 import os
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from vllm.v1.engine.llm_engine import LLMEngine
@@ -58,7 +58,11 @@ class InProcessEngine:
     async def start(cls, args: Any) -> InProcessEngine:
         """Builds the engine from ``vllm.EngineArgs`` on the running loop's thread."""
         _pin_this_thread(os.environ.get("VLLM_CPU_OMP_THREADS_BIND"))
-        with _STEP_LOCK, _in_process_env():
+        from hubkit.backends.vllm import scoped_environ
+
+        # vLLM reads it while building the engine: no engine-core process (and, with the "uni" executor
+        # the backend sets, no worker process).
+        with _STEP_LOCK, scoped_environ({"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
             engine = LLMEngine.from_engine_args(args, enable_multiprocessing=False)
         return cls(engine)
 
@@ -163,17 +167,3 @@ def _pin_this_thread(binding: str | None) -> None:
     with contextlib.suppress(OSError, AttributeError):  # a core outside this container, or not Linux
         os.sched_setaffinity(0, cores)
     torch.set_num_threads(len(cores))
-
-
-@contextlib.contextmanager
-def _in_process_env() -> Iterator[None]:
-    """vLLM reads these while building the engine: no engine-core process, no worker process."""
-    saved = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
-        yield
-    finally:
-        if saved is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = saved
