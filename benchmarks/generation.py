@@ -87,7 +87,7 @@ def bench_transformers(
     and its median kept, like the engines', the others once (batch 1 is slow)."""
     from hubkit.backends.transformers import TransformersBackend
 
-    backend = TransformersBackend(model, dtype="float32")
+    backend = TransformersBackend(model, dtype=DTYPE)
     backend.generate_batch(prompts[:2], params)  # warm-up
     rows = []
     for bs in batch_sizes:
@@ -111,6 +111,11 @@ def bench_transformers(
 #: the next system measured; hubkit's pool engines run in their actors and do not poll.
 _SETTLE_S = 2.0
 
+#: Weights and activations of every system (``--dtype``).
+DTYPE = "float32"
+#: vLLM engines without torch.compile (``--compile`` clears it).
+EAGER = True
+
 
 def bench_vllm_and_pool(
     setting: str, model: str, prompts: list[str], params, rounds: int, replicas: list[int]
@@ -124,7 +129,7 @@ def bench_vllm_and_pool(
     # Bare vLLM computes on the cores hubkit's single engine does (vLLM's own "auto" would use one of
     # two), so that the hubkit / bare ratio measures hubkit's own overhead.
     with engine_process_env():
-        llm = vllm.LLM(model=model, dtype="float32", enforce_eager=True, seed=0, block_size=32)
+        llm = vllm.LLM(model=model, dtype=DTYPE, enforce_eager=EAGER, seed=0, block_size=32)
     vparams = vllm.SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
     llm.generate(prompts[:4], vparams, use_tqdm=False)
     bare: list[tuple[int, float]] = []
@@ -133,7 +138,7 @@ def bench_vllm_and_pool(
         # One pool at a time (a local Ray has one CPU per core to give), alternating with bare vLLM so
         # that a noisy neighbour hurts every system alike.
         for n in replicas:
-            pool = EnginePool(model, replicas=n, engine_options={"dtype": "float32"})
+            pool = EnginePool(model, replicas=n, engine_options={"dtype": DTYPE, "enforce_eager": EAGER})
             try:
                 pool.generate(prompts[:4], params)
                 for _ in range(rounds):
@@ -222,7 +227,11 @@ def bench_http(model: str, prompts: list[str], max_tokens: int) -> dict:
 
     port = free_port()
     base = hubkit_serve(
-        model, port=port, blocking=False, served_model_name="bench", engine_options={"dtype": "float32"}
+        model,
+        port=port,
+        blocking=False,
+        served_model_name="bench",
+        engine_options={"dtype": DTYPE, "enforce_eager": EAGER},
     )
     base = base.rstrip("/").removesuffix("/v1")
     asyncio.run(_stream_load(base, "bench", prompts[:4], 4))  # warm-up
@@ -238,7 +247,7 @@ def write_table(rows: list[Row], http: dict | None, args: argparse.Namespace, ou
         "eos": f"each sequence stops at end-of-text, at most {args.eos_max_tokens} new tokens",
     }
     lines = [
-        f"Greedy, {args.prompts} Korean prompts, float32 on CPU, {os.cpu_count()} cores. "
+        f"Greedy, {args.prompts} Korean prompts, {DTYPE} on CPU, {os.cpu_count()} cores. "
         "transformers generates them in batches of the size in the batch column (batch 1: the first "
         f"{args.bs1_prompts}); vLLM and hubkit take all of them at once and batch continuously (at most 256 "
         "running sequences per engine). "
@@ -314,8 +323,14 @@ def main() -> None:
     )
     parser.add_argument("--models", default="default,neox-25m")
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--compile", action="store_true", help="vLLM engines with torch.compile")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generation.md")
     args = parser.parse_args()
+    global DTYPE
+    DTYPE = args.dtype
+    global EAGER
+    EAGER = not args.compile
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from hubkit.engine import SamplingParams

@@ -123,6 +123,12 @@ def accuracy(logprobs: Sequence[float], labels: Sequence[int]) -> float:
 Scores = list[tuple[float, bool | None]]
 
 
+#: Weights and activations of every system (``--dtype``).
+DTYPE = "float32"
+#: vLLM engines without torch.compile (``--compile`` clears it).
+EAGER = True
+
+
 def run_hubkit(
     model: str, pairs: list[tuple[str, str]], *, replicas: int, fast: bool
 ) -> tuple[float, Scores, float]:
@@ -133,7 +139,9 @@ def run_hubkit(
     t0 = time.perf_counter()
     # As `hubkit score` starts its engines for a multiple-choice task: without prompt log-probs when
     # scoring by chains, so the model skips unread prompt positions' work.
-    options = {"dtype": "float32", "fast_scoring": fast} | ({"prompt_logprobs": False} if fast else {})
+    options = {"dtype": DTYPE, "enforce_eager": EAGER, "fast_scoring": fast} | (
+        {"prompt_logprobs": False} if fast else {}
+    )
     pool = EnginePool(model, replicas=replicas, engine_options=options)
     try:
         pool.loglikelihood([LoglikelihoodRequest(c, x) for c, x in warmup_pairs(pairs)])
@@ -161,7 +169,7 @@ def run_lm_eval_hf(model: str, pairs: list[tuple[str, str]]) -> tuple[float, Sco
     from lm_eval.models.huggingface import HFLM
 
     t0 = time.perf_counter()
-    lm = HFLM(pretrained=model, batch_size=32, dtype="float32", device="cpu")
+    lm = HFLM(pretrained=model, batch_size=32, dtype=DTYPE, device="cpu")
     instances = _instances(pairs)
     lm.loglikelihood(_instances(warmup_pairs(pairs)), disable_tqdm=True)
     start = time.perf_counter() - t0
@@ -204,7 +212,7 @@ def run_lm_eval_vllm(model: str, pairs: list[tuple[str, str]]) -> tuple[float, S
     VLLM = import_lm_eval_vllm()
     t0 = time.perf_counter()
     with engine_process_env():  # the cores hubkit's single engine computes on (vLLM's "auto": one of two)
-        lm = VLLM(pretrained=model, dtype="float32", enforce_eager=True, seed=0)
+        lm = VLLM(pretrained=model, dtype=DTYPE, enforce_eager=EAGER, seed=0)
     instances = _instances(pairs)
     lm.loglikelihood(_instances(warmup_pairs(pairs)), disable_tqdm=True)
     start = time.perf_counter() - t0
@@ -358,11 +366,15 @@ def main() -> None:
         help="test rows scored by every system: one number, or one per model (5000,1000)",
     )
     parser.add_argument("--shots", default="0,5")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--compile", action="store_true", help="vLLM engines with torch.compile")
     parser.add_argument("--models", default="default,neox-25m", help="'default', 'neox-25m' or model folders")
     parser.add_argument("--default-model", help="folder to use as the default model (else hubkit's own)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.md")
     args = parser.parse_args()
+    global DTYPE, EAGER
+    DTYPE, EAGER = args.dtype, not args.compile
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]

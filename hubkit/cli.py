@@ -41,6 +41,11 @@ def _add_engine_args(p: argparse.ArgumentParser, *, model_positional: bool = Tru
     p.add_argument(
         "--dtype", default="auto", help="weights dtype in the engine: auto, float32, bfloat16, float16"
     )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="vLLM engines compile the model with torch.compile: a slower first start, faster steps",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, *, max_tokens: int = 64, temperature: float = 0.8) -> None:
@@ -199,6 +204,20 @@ def _sampling(args: argparse.Namespace):
     )
 
 
+def _engine_options(args: argparse.Namespace) -> dict[str, object]:
+    options: dict[str, object] = {"dtype": args.dtype}
+    if args.compile:
+        from hubkit.engine import choose_backend
+        from hubkit.errors import InvalidRequestError
+
+        if choose_backend(args.model, args.backend) != "vllm":
+            raise InvalidRequestError(
+                f"--compile is a vLLM option; {args.model} runs on transformers: drop it"
+            )
+        options["enforce_eager"] = False
+    return options
+
+
 def _pool(args: argparse.Namespace):
     from hubkit.models import resolve_model
 
@@ -210,7 +229,7 @@ def _pool(args: argparse.Namespace):
         backend=args.backend,
         replicas=args.replicas,
         address=args.address,
-        engine_options={"dtype": args.dtype},
+        engine_options=_engine_options(args),
         adapter=getattr(args, "adapter", None),
     )
 
@@ -262,7 +281,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         served_model_name=args.served_model_name,
-        engine_options={"dtype": args.dtype},
+        engine_options=_engine_options(args),
         adapter=args.adapter,
     )
     return 0
@@ -499,6 +518,12 @@ def _add_score_parser(sub) -> None:
     )
     p.add_argument(
         "--dtype", default=None, help="weights dtype in the engine: auto, float32, bfloat16, float16"
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        default=None,
+        help="vLLM engines compile the model with torch.compile: a slower first start, faster steps",
     )
     p.add_argument("--num-cpus", type=float, default=None, help="Ray CPUs per engine actor (default: 1)")
     p.add_argument("--batch-rows", type=int, default=None, help="rows per saved shard (default: 128)")

@@ -77,34 +77,58 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def result(tiny_model_dir: Path) -> dict:
+# The engine options `hubkit score --compile` starts pool actors with: torch.compile over hubkit's GPT-NeoX,
+# including the prefill that finishes only the positions it reads (``prompt_logprobs=False``).
+COMPILED_SCRIPT = textwrap.dedent(
+    """
+    import asyncio, json, sys
+
+    from hubkit.backends.vllm import VLLMBackend
+    from hubkit.engine import LoglikelihoodRequest, SamplingParams
+
+    backend = VLLMBackend(
+        sys.argv[1], dtype="float32", in_process=True, enforce_eager=False, prompt_logprobs=False
+    )
+    out = {"eager": backend._engine.model_config.enforce_eager}
+    greedy = SamplingParams(max_tokens=12, temperature=0.0)
+    out["greedy"] = list(asyncio.run(backend.generate("이 영화 정말", greedy)).token_ids)
+    out["ll"] = [r.logprob for r in asyncio.run(backend.loglikelihood(
+        [LoglikelihoodRequest("문장: 재밌다 긍부정:", " 긍정"), LoglikelihoodRequest("문장: 재밌다 긍부정:", " 부정")]
+    ))]
+    backend.shutdown()
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+def _run(script: str, model: Path) -> dict:
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0")
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(tiny_model_dir)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
+        [sys.executable, "-c", script, str(model)], capture_output=True, text=True, timeout=300, env=env
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert proc.returncode == 0 and lines, proc.stderr[-3000:]
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 
-def test_in_process_engine_answers_like_transformers(result: dict, tiny_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def result(tiny_model_dir: Path) -> dict:
+    return _run(SCRIPT, tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> dict:
+    """Greedy tokens and log-likelihoods of the same requests from transformers (float32)."""
     import asyncio
 
     from hubkit.backends.transformers import TransformersBackend
     from hubkit.engine import LoglikelihoodRequest, SamplingParams
 
-    reference = TransformersBackend(str(tiny_model_dir), dtype="float32")
+    backend = TransformersBackend(str(tiny_model_dir), dtype="float32")
     try:
-        greedy = asyncio.run(
-            reference.generate("이 영화 정말", SamplingParams(max_tokens=12, temperature=0.0))
-        )
+        greedy = asyncio.run(backend.generate("이 영화 정말", SamplingParams(max_tokens=12, temperature=0.0)))
         ll = asyncio.run(
-            reference.loglikelihood(
+            backend.loglikelihood(
                 [
                     LoglikelihoodRequest("문장: 재밌다 긍부정:", " 긍정"),
                     LoglikelihoodRequest("문장: 재밌다 긍부정:", " 부정"),
@@ -112,9 +136,20 @@ def test_in_process_engine_answers_like_transformers(result: dict, tiny_model_di
             )
         )
     finally:
-        reference.shutdown()
-    assert result["greedy"] == list(greedy.token_ids)
-    assert max(abs(a - b.logprob) for a, b in zip(result["ll"], ll, strict=True)) < 1e-3
+        backend.shutdown()
+    return {"greedy": list(greedy.token_ids), "ll": [r.logprob for r in ll]}
+
+
+def test_in_process_engine_answers_like_transformers(result: dict, reference: dict) -> None:
+    assert result["greedy"] == reference["greedy"]
+    assert max(abs(a - b) for a, b in zip(result["ll"], reference["ll"], strict=True)) < 1e-3
+
+
+def test_compiled_engine_answers_like_transformers(tiny_model_dir: Path, reference: dict) -> None:
+    compiled = _run(COMPILED_SCRIPT, tiny_model_dir)
+    assert compiled["eager"] is False  # the option reached vLLM: the model really ran compiled
+    assert compiled["greedy"] == reference["greedy"]
+    assert max(abs(a - b) for a, b in zip(compiled["ll"], reference["ll"], strict=True)) < 1e-3
 
 
 def test_closing_a_stream_aborts_its_request(result: dict) -> None:
