@@ -14,6 +14,9 @@ hubkit runs 1 and 2 engine actors; with 2, each binds its compute threads to its
 
     .venv/bin/python benchmarks/generation.py            # writes benchmarks/results/generation.md
 
+``--dtype bfloat16`` runs every system in the dtype the default model ships in (this CPU multiplies it with
+AMX); ``--compile`` starts every vLLM engine (bare and hubkit's) with torch.compile.
+
 Targets (issue 2): hubkit >= 2.5x transformers at batch 64; hubkit within 10% of bare vLLM; 64 concurrent
 streaming HTTP requests with zero errors.
 """
@@ -247,7 +250,8 @@ def write_table(rows: list[Row], http: dict | None, args: argparse.Namespace, ou
         "eos": f"each sequence stops at end-of-text, at most {args.eos_max_tokens} new tokens",
     }
     lines = [
-        f"Greedy, {args.prompts} Korean prompts, {DTYPE} on CPU, {os.cpu_count()} cores. "
+        f"Greedy, {args.prompts} Korean prompts, {DTYPE} on CPU, {os.cpu_count()} cores"
+        f"{'; vLLM engines compiled (torch.compile)' if not EAGER else ''}. "
         "transformers generates them in batches of the size in the batch column (batch 1: the first "
         f"{args.bs1_prompts}); vLLM and hubkit take all of them at once and batch continuously (at most 256 "
         "running sequences per engine). "

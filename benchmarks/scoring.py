@@ -7,7 +7,9 @@ sampler, seed 1234, each written ``문장: {review} 긍부정: {label}`` and joi
 writes few-shot examples). A row is right when its label's choice has the higher summed log-prob
 (lm-eval's ``acc``).
 
-Systems, all float32 on CPU, each timed around its scoring call only (engine start is reported apart):
+Systems, all in one dtype on CPU (``--dtype``: float32, the default, or bfloat16, the dtype the default
+model ships in, which this CPU multiplies with AMX), each timed around its scoring call only (engine start
+is reported apart). ``--compile`` starts every vLLM engine (hubkit's and lm-eval's) with torch.compile:
 
 * ``hubkit xN``: ``EnginePool(replicas=N).loglikelihood`` (vLLM engines in Ray actors), started as
   ``hubkit score`` starts them for a multiple-choice task (``prompt_logprobs=False``: the model finishes
@@ -23,6 +25,7 @@ Systems, all float32 on CPU, each timed around its scoring call only (engine sta
   run, so the table says where the language models stand.
 
     .venv/bin/python benchmarks/scoring.py --rows 1000     # writes benchmarks/results/scoring.{md,json}
+    .venv/bin/python benchmarks/scoring.py --dtype bfloat16 --compile --out benchmarks/results/scoring-bf16.md
 
 Target (issue): hubkit >= 3x the faster lm-eval backend at equal accuracy.
 """
@@ -318,7 +321,8 @@ def write_report(rows: list[Row], meta: dict, out: Path) -> str:
         return f"{r.rows_per_second / best:.2f}x"
 
     lines = [
-        "NSMC `ratings_test.txt` (its first rows, as many as the table says), 2 choices per row, float32, "
+        "NSMC `ratings_test.txt` (its first rows, as many as the table says), 2 choices per row, "
+        f"{DTYPE}{', vLLM engines compiled (torch.compile)' if not EAGER else ''}, "
         f"{meta['cpus']} CPU cores shared with other work (1-minute load average {meta['load_before']:.1f} "
         f"before the run, {meta['load_after']:.1f} after, and after each call in the load column). rows/s "
         f"times the scoring call only; every system was started and warmed on {WARMUP} pairs before.",

@@ -169,7 +169,8 @@ class VLLMBackend:
             computes on the cores of ``VLLM_CPU_OMP_THREADS_BIND``. The engine pool's Ray actors start
             their engines this way.
         **engine_options: Passed to ``vllm.AsyncEngineArgs`` (e.g. ``max_num_seqs=64``,
-            ``enable_prefix_caching=False``).
+            ``enable_prefix_caching=False``). hubkit starts engines eager; ``enforce_eager=False``
+            compiles the model with torch.compile (``--compile``): a slower first start, faster steps.
 
     Raises:
         ModelNotFoundError: the model cannot be found, or vLLM cannot run its architecture (checked
