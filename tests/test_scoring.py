@@ -656,3 +656,15 @@ def test_multiple_choice_jobs_start_vllm_engines_without_prompt_logprobs() -> No
     assert "prompt_logprobs" not in _pool_options(nsmc, "transformers", {})
     assert "prompt_logprobs" not in _pool_options(nsmc, "vllm", {"fast_scoring": False})
     assert _pool_options(nsmc, "vllm", {"prompt_logprobs": True})["prompt_logprobs"] is True
+
+
+def test_compile_starts_vllm_engines_compiled_and_leaves_transformers_alone() -> None:
+    from hubkit.scoring import _pool_options
+    from hubkit.tasks import load_task
+
+    nsmc = load_task("nsmc")
+    assert _pool_options(nsmc, "vllm", {}, compile=True)["enforce_eager"] is False
+    assert "enforce_eager" not in _pool_options(nsmc, "vllm", {})
+    assert "enforce_eager" not in _pool_options(nsmc, "transformers", {}, compile=True)
+    config = ScoreConfig.from_mapping({"data": ["x.txt"], "out": "o", "compile": True})
+    assert config.compile is True and "enforce_eager" not in config.engine_options
