@@ -85,12 +85,13 @@ def bench_transformers(
     batch_sizes: list[int],
     bs1_prompts: int,
     rounds: int,
+    precision: Precision,
 ) -> list[Row]:
     """Batched transformers generate; the largest batch (the targets' reference) is timed ``rounds`` times
     and its median kept, like the engines', the others once (batch 1 is slow)."""
     from hubkit.backends.transformers import TransformersBackend
 
-    backend = TransformersBackend(model, dtype=DTYPE)
+    backend = TransformersBackend(model, dtype=precision.dtype)
     backend.generate_batch(prompts[:2], params)  # warm-up
     rows = []
     for bs in batch_sizes:
@@ -114,14 +115,26 @@ def bench_transformers(
 #: the next system measured; hubkit's pool engines run in their actors and do not poll.
 _SETTLE_S = 2.0
 
-#: Weights and activations of every system (``--dtype``).
-DTYPE = "float32"
-#: vLLM engines without torch.compile (``--compile`` clears it).
-EAGER = True
+
+@dataclass(frozen=True)
+class Precision:
+    """How every system computes: the dtype of weights and activations, and whether vLLM engines compile."""
+
+    dtype: str = "float32"
+    compile: bool = False
+
+    def engine_options(self) -> dict[str, object]:
+        return {"dtype": self.dtype, "enforce_eager": not self.compile}
 
 
 def bench_vllm_and_pool(
-    setting: str, model: str, prompts: list[str], params, rounds: int, replicas: list[int]
+    setting: str,
+    model: str,
+    prompts: list[str],
+    params,
+    rounds: int,
+    replicas: list[int],
+    precision: Precision,
 ) -> list[Row]:
     """bare vLLM and hubkit pools of each size, measured alternately; the median round of each is kept."""
     import vllm
@@ -132,7 +145,7 @@ def bench_vllm_and_pool(
     # Bare vLLM computes on the cores hubkit's single engine does (vLLM's own "auto" would use one of
     # two), so that the hubkit / bare ratio measures hubkit's own overhead.
     with engine_process_env():
-        llm = vllm.LLM(model=model, dtype=DTYPE, enforce_eager=EAGER, seed=0, block_size=32)
+        llm = vllm.LLM(model=model, **precision.engine_options(), seed=0, block_size=32)
     vparams = vllm.SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos)
     llm.generate(prompts[:4], vparams, use_tqdm=False)
     bare: list[tuple[int, float]] = []
@@ -141,7 +154,7 @@ def bench_vllm_and_pool(
         # One pool at a time (a local Ray has one CPU per core to give), alternating with bare vLLM so
         # that a noisy neighbour hurts every system alike.
         for n in replicas:
-            pool = EnginePool(model, replicas=n, engine_options={"dtype": DTYPE, "enforce_eager": EAGER})
+            pool = EnginePool(model, replicas=n, engine_options=precision.engine_options())
             try:
                 pool.generate(prompts[:4], params)
                 for _ in range(rounds):
@@ -223,7 +236,7 @@ async def _stream_load(base_url: str, model_name: str, prompts: list[str], max_t
     }
 
 
-def bench_http(model: str, prompts: list[str], max_tokens: int) -> dict:
+def bench_http(model: str, prompts: list[str], max_tokens: int, precision: Precision) -> dict:
     from ray import serve
 
     from hubkit.serving import serve as hubkit_serve
@@ -234,7 +247,7 @@ def bench_http(model: str, prompts: list[str], max_tokens: int) -> dict:
         port=port,
         blocking=False,
         served_model_name="bench",
-        engine_options={"dtype": DTYPE, "enforce_eager": EAGER},
+        engine_options=precision.engine_options(),
     )
     base = base.rstrip("/").removesuffix("/v1")
     asyncio.run(_stream_load(base, "bench", prompts[:4], 4))  # warm-up
@@ -250,8 +263,8 @@ def write_table(rows: list[Row], http: dict | None, args: argparse.Namespace, ou
         "eos": f"each sequence stops at end-of-text, at most {args.eos_max_tokens} new tokens",
     }
     lines = [
-        f"Greedy, {args.prompts} Korean prompts, {DTYPE} on CPU, {os.cpu_count()} cores"
-        f"{'; vLLM engines compiled (torch.compile)' if not EAGER else ''}. "
+        f"Greedy, {args.prompts} Korean prompts, {args.dtype} on CPU, {os.cpu_count()} cores"
+        f"{'; vLLM engines compiled (torch.compile)' if args.compile else ''}. "
         "transformers generates them in batches of the size in the batch column (batch 1: the first "
         f"{args.bs1_prompts}); vLLM and hubkit take all of them at once and batch continuously (at most 256 "
         "running sequences per engine). "
@@ -331,10 +344,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "generation.md")
     args = parser.parse_args()
-    global DTYPE
-    DTYPE = args.dtype
-    global EAGER
-    EAGER = not args.compile
+    precision = Precision(args.dtype, args.compile)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from hubkit.engine import SamplingParams
@@ -356,13 +366,13 @@ def main() -> None:
         for setting in args.settings.split(","):
             params = settings[setting]
             for model in models.values():
-                rows += bench_vllm_and_pool(setting, model, prompts, params, args.rounds, replicas)
+                rows += bench_vllm_and_pool(setting, model, prompts, params, args.rounds, replicas, precision)
                 batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
                 rows += bench_transformers(
-                    setting, model, prompts, params, batch_sizes, args.bs1_prompts, args.rounds
+                    setting, model, prompts, params, batch_sizes, args.bs1_prompts, args.rounds, precision
                 )
         if not args.no_http:
-            http = bench_http(default_dir, prompts[: args.http_requests], args.max_tokens) | {
+            http = bench_http(default_dir, prompts[: args.http_requests], args.max_tokens, precision) | {
                 "setting": "length"
             }
     print(write_table(rows, http, args, args.out))

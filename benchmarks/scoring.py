@@ -126,14 +126,16 @@ def accuracy(logprobs: Sequence[float], labels: Sequence[int]) -> float:
 Scores = list[tuple[float, bool | None]]
 
 
-#: Weights and activations of every system (``--dtype``).
-DTYPE = "float32"
-#: vLLM engines without torch.compile (``--compile`` clears it).
-EAGER = True
+@dataclass(frozen=True)
+class Precision:
+    """How every system computes: the dtype of weights and activations, and whether vLLM engines compile."""
+
+    dtype: str = "float32"
+    compile: bool = False
 
 
 def run_hubkit(
-    model: str, pairs: list[tuple[str, str]], *, replicas: int, fast: bool
+    model: str, pairs: list[tuple[str, str]], precision: Precision, *, replicas: int, fast: bool
 ) -> tuple[float, Scores, float]:
     from hubkit.engine import LoglikelihoodRequest
     from hubkit.pool import EnginePool
@@ -142,7 +144,7 @@ def run_hubkit(
     t0 = time.perf_counter()
     # As `hubkit score` starts its engines for a multiple-choice task: without prompt log-probs when
     # scoring by chains, so the model skips unread prompt positions' work.
-    options = {"dtype": DTYPE, "enforce_eager": EAGER, "fast_scoring": fast} | (
+    options = {"dtype": precision.dtype, "enforce_eager": not precision.compile, "fast_scoring": fast} | (
         {"prompt_logprobs": False} if fast else {}
     )
     pool = EnginePool(model, replicas=replicas, engine_options=options)
@@ -168,11 +170,13 @@ def _instances(pairs: list[tuple[str, str]]) -> list:
     ]
 
 
-def run_lm_eval_hf(model: str, pairs: list[tuple[str, str]]) -> tuple[float, Scores, float]:
+def run_lm_eval_hf(
+    model: str, pairs: list[tuple[str, str]], precision: Precision
+) -> tuple[float, Scores, float]:
     from lm_eval.models.huggingface import HFLM
 
     t0 = time.perf_counter()
-    lm = HFLM(pretrained=model, batch_size=32, dtype=DTYPE, device="cpu")
+    lm = HFLM(pretrained=model, batch_size=32, dtype=precision.dtype, device="cpu")
     instances = _instances(pairs)
     lm.loglikelihood(_instances(warmup_pairs(pairs)), disable_tqdm=True)
     start = time.perf_counter() - t0
@@ -209,13 +213,15 @@ def import_lm_eval_vllm() -> type:
     return module.VLLM
 
 
-def run_lm_eval_vllm(model: str, pairs: list[tuple[str, str]]) -> tuple[float, Scores, float]:
+def run_lm_eval_vllm(
+    model: str, pairs: list[tuple[str, str]], precision: Precision
+) -> tuple[float, Scores, float]:
     from hubkit.backends.vllm import engine_process_env
 
     VLLM = import_lm_eval_vllm()
     t0 = time.perf_counter()
     with engine_process_env():  # the cores hubkit's single engine computes on (vLLM's "auto": one of two)
-        lm = VLLM(pretrained=model, dtype=DTYPE, enforce_eager=EAGER, seed=0)
+        lm = VLLM(pretrained=model, dtype=precision.dtype, enforce_eager=not precision.compile, seed=0)
     instances = _instances(pairs)
     lm.loglikelihood(_instances(warmup_pairs(pairs)), disable_tqdm=True)
     start = time.perf_counter() - t0
@@ -322,7 +328,7 @@ def write_report(rows: list[Row], meta: dict, out: Path) -> str:
 
     lines = [
         "NSMC `ratings_test.txt` (its first rows, as many as the table says), 2 choices per row, "
-        f"{DTYPE}{', vLLM engines compiled (torch.compile)' if not EAGER else ''}, "
+        f"{meta['dtype']}{', vLLM engines compiled (torch.compile)' if meta['compile'] else ''}, "
         f"{meta['cpus']} CPU cores shared with other work (1-minute load average {meta['load_before']:.1f} "
         f"before the run, {meta['load_after']:.1f} after, and after each call in the load column). rows/s "
         f"times the scoring call only; every system was started and warmed on {WARMUP} pairs before.",
@@ -377,8 +383,7 @@ def main() -> None:
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"subset of {', '.join(SYSTEMS)}")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "scoring.md")
     args = parser.parse_args()
-    global DTYPE, EAGER
-    DTYPE, EAGER = args.dtype, not args.compile
+    precision = Precision(args.dtype, args.compile)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     systems = [s.strip() for s in args.systems.split(",") if s.strip()]
@@ -408,11 +413,11 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     runners: dict[str, Callable[[str, list[tuple[str, str]]], tuple[float, Scores, float]]] = {
-        "lm-eval hf": run_lm_eval_hf,
-        "lm-eval vllm": run_lm_eval_vllm,
-        "hubkit x1": lambda m, p: run_hubkit(m, p, replicas=1, fast=True),
-        "hubkit x2": lambda m, p: run_hubkit(m, p, replicas=2, fast=True),
-        "hubkit x1 (prompt_logprobs)": lambda m, p: run_hubkit(m, p, replicas=1, fast=False),
+        "lm-eval hf": lambda m, p: run_lm_eval_hf(m, p, precision),
+        "lm-eval vllm": lambda m, p: run_lm_eval_vllm(m, p, precision),
+        "hubkit x1": lambda m, p: run_hubkit(m, p, precision, replicas=1, fast=True),
+        "hubkit x2": lambda m, p: run_hubkit(m, p, precision, replicas=2, fast=True),
+        "hubkit x1 (prompt_logprobs)": lambda m, p: run_hubkit(m, p, precision, replicas=1, fast=False),
     }
     with tempfile.TemporaryDirectory() as tmp:
         models = resolve_models(model_names, args.default_model, Path(tmp))
@@ -454,6 +459,8 @@ def main() -> None:
         "fewshot_seed": FEWSHOT_SEED,
         "systems": systems,
         "cpus": os.cpu_count(),
+        "dtype": precision.dtype,
+        "compile": precision.compile,
         "machine": platform.platform(),
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
