@@ -237,6 +237,7 @@ def _pool(args: argparse.Namespace):
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hubkit.quickstart import run_quickstart
 
+    _engine_options(args)  # refuses --compile for a model vLLM does not run, before Ray starts
     run_quickstart(
         model=args.model,
         backend=args.backend,
@@ -244,6 +245,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
         address=args.address,
         params=_sampling(args),
         score=not args.no_score,
+        dtype=args.dtype,
+        compile=args.compile,
     )
     return 0
 

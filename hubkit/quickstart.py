@@ -59,6 +59,8 @@ def run_quickstart(
     score: bool = True,
     runs_dir: str | os.PathLike[str] = "runs/quickstart",
     publish: bool = True,
+    dtype: str = "auto",
+    compile: bool = False,
 ) -> QuickstartResult:
     """Runs the main job and prints what it did.
 
@@ -75,6 +77,8 @@ def run_quickstart(
             engines; the run folder goes to ``runs_dir/nsmc`` and the published card reports it.
         runs_dir: Folder for the scoring stage's run folder.
         publish: end by publishing the model and its card to hubkit's local Hub.
+        dtype: Engine weights dtype: auto, float32, bfloat16 or float16.
+        compile: vLLM engines compile the model with torch.compile (ignored by the transformers backend).
     """
     from rich.console import Console
     from rich.table import Table
@@ -96,7 +100,12 @@ def run_quickstart(
         f"[bold]hubkit quickstart[/bold]: model [cyan]{path}[/cyan], backend {backend}, {replicas} actor(s)"
     )
     t0 = time.perf_counter()
-    with EnginePool(path, backend=backend, replicas=replicas, address=address) as pool:
+    engine_options: dict[str, Any] = {"dtype": dtype}
+    if compile and backend == "vllm":
+        engine_options["enforce_eager"] = False
+    with EnginePool(
+        path, backend=backend, replicas=replicas, address=address, engine_options=engine_options
+    ) as pool:
         load_seconds = time.perf_counter() - t0
         console.print(f"engine pool ready in {load_seconds:.1f} s")
         t1 = time.perf_counter()
@@ -120,7 +129,10 @@ def run_quickstart(
         )
         # --- scoring stage: NSMC sentiment on the shipped sample, on the same engines (hubkit.scoring) ---
         if score:
-            result = replace(result, scored=_score_stage(console, pool, Path(runs_dir) / "nsmc"))
+            result = replace(
+                result,
+                scored=_score_stage(console, pool, Path(runs_dir) / "nsmc", dtype=dtype, compile=compile),
+            )
     # --- final stage: publish the model with its card to the local Hub (hubkit.publish) ----------------
     if publish:
         scored = [result.scored.out] if result.scored is not None else []
@@ -141,7 +153,7 @@ def _skipped(console, stage: str, exc: Exception) -> None:
     console.print(f"[yellow]{stage} skipped:[/yellow] {escape(str(exc))}", highlight=False)
 
 
-def _score_stage(console, pool, out: Path):
+def _score_stage(console, pool, out: Path, *, dtype: str, compile: bool):
     """Scores NSMC sentiment on hubkit's shipped sample, 0- and 5-shot, and prints the metrics.
 
     The run folder is what ``hubkit score`` writes (predictions, metrics, report, plots). A failure is
@@ -162,6 +174,8 @@ def _score_stage(console, pool, out: Path):
         split="test",
         out=str(out),
         overwrite=True,  # the quickstart's own folder: a run of another model replaces it
+        dtype=dtype,  # the pool's, so that the run folder records how it was scored
+        compile=compile,
     )
     try:
         scored = run_score(config, pool=pool)

@@ -276,8 +276,9 @@ def test_vllm_on_a_t5_fails_in_one_line_before_ray(
 
 def test_compile_on_a_t5_fails_in_one_line_before_ray(capsys: pytest.CaptureFixture[str]) -> None:
     started = time.perf_counter()
-    err = _cli_error(capsys, ["generate", "ko-nsmc-byt5", SPAN_PROMPT, "--compile"])
-    assert "--compile is a vLLM option" in err and "drop it" in err
+    for argv in (["generate", "ko-nsmc-byt5", SPAN_PROMPT], ["quickstart", "ko-nsmc-byt5"]):
+        err = _cli_error(capsys, [*argv, "--compile"])
+        assert "--compile is a vLLM option" in err and "drop it" in err
     assert time.perf_counter() - started < 20  # refused before Ray or any engine started
 
 
