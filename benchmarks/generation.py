@@ -35,6 +35,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from scoring import Precision  # the scoring benchmark's: both benchmarks compute alike
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "ko_reviews_sample.txt"
 
@@ -114,17 +116,6 @@ def bench_transformers(
 #: their last message (shm_broadcast's busy loop), so an engine that just finished still takes CPU from
 #: the next system measured; hubkit's pool engines run in their actors and do not poll.
 _SETTLE_S = 2.0
-
-
-@dataclass(frozen=True)
-class Precision:
-    """How every system computes: the dtype of weights and activations, and whether vLLM engines compile."""
-
-    dtype: str = "float32"
-    compile: bool = False
-
-    def engine_options(self) -> dict[str, object]:
-        return {"dtype": self.dtype, "enforce_eager": not self.compile}
 
 
 def bench_vllm_and_pool(

@@ -133,6 +133,10 @@ class Precision:
     dtype: str = "float32"
     compile: bool = False
 
+    def engine_options(self) -> dict[str, object]:
+        """vLLM engine options (hubkit's, bare vLLM's, lm-eval's) for this precision."""
+        return {"dtype": self.dtype, "enforce_eager": not self.compile}
+
 
 def run_hubkit(
     model: str, pairs: list[tuple[str, str]], precision: Precision, *, replicas: int, fast: bool
@@ -144,8 +148,8 @@ def run_hubkit(
     t0 = time.perf_counter()
     # As `hubkit score` starts its engines for a multiple-choice task: without prompt log-probs when
     # scoring by chains, so the model skips unread prompt positions' work.
-    options = {"dtype": precision.dtype, "enforce_eager": not precision.compile, "fast_scoring": fast} | (
-        {"prompt_logprobs": False} if fast else {}
+    options = (
+        precision.engine_options() | {"fast_scoring": fast} | ({"prompt_logprobs": False} if fast else {})
     )
     pool = EnginePool(model, replicas=replicas, engine_options=options)
     try:
@@ -221,7 +225,7 @@ def run_lm_eval_vllm(
     VLLM = import_lm_eval_vllm()
     t0 = time.perf_counter()
     with engine_process_env():  # the cores hubkit's single engine computes on (vLLM's "auto": one of two)
-        lm = VLLM(pretrained=model, dtype=precision.dtype, enforce_eager=not precision.compile, seed=0)
+        lm = VLLM(pretrained=model, **precision.engine_options(), seed=0)
     instances = _instances(pairs)
     lm.loglikelihood(_instances(warmup_pairs(pairs)), disable_tqdm=True)
     start = time.perf_counter() - t0

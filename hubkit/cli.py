@@ -204,18 +204,21 @@ def _sampling(args: argparse.Namespace):
     )
 
 
-def _engine_options(args: argparse.Namespace) -> dict[str, object]:
-    options: dict[str, object] = {"dtype": args.dtype}
-    if args.compile:
-        from hubkit.engine import choose_backend
+def _check_compile(args: argparse.Namespace) -> None:
+    """Refuses --compile for a model vLLM does not run, before Ray starts."""
+    from hubkit.engine import choose_backend
+
+    if args.compile and choose_backend(args.model, args.backend) != "vllm":
         from hubkit.errors import InvalidRequestError
 
-        if choose_backend(args.model, args.backend) != "vllm":
-            raise InvalidRequestError(
-                f"--compile is a vLLM option; {args.model} runs on transformers: drop it"
-            )
-        options["enforce_eager"] = False
-    return options
+        raise InvalidRequestError(f"--compile is a vLLM option; {args.model} runs on transformers: drop it")
+
+
+def _engine_options(args: argparse.Namespace) -> dict[str, object]:
+    from hubkit.engine import compile_options
+
+    _check_compile(args)
+    return {"dtype": args.dtype, **compile_options("vllm", args.compile)}
 
 
 def _pool(args: argparse.Namespace):
@@ -237,7 +240,7 @@ def _pool(args: argparse.Namespace):
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from hubkit.quickstart import run_quickstart
 
-    _engine_options(args)  # refuses --compile for a model vLLM does not run, before Ray starts
+    _check_compile(args)
     run_quickstart(
         model=args.model,
         backend=args.backend,

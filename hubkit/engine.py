@@ -335,6 +335,15 @@ def choose_backend(model: str, backend: str = "auto") -> BackendName:
     return "transformers" if seq2seq else "vllm"
 
 
+def compile_options(backend: str, compile: bool) -> dict[str, bool]:
+    """The engine options that make ``backend`` compile its model when ``compile`` is set.
+
+    hubkit starts vLLM engines eager; compiling is vLLM's ``enforce_eager=False`` (torch.compile: a slower
+    first start, faster steps). The transformers backend has no such option and gets none.
+    """
+    return {"enforce_eager": False} if compile and backend == "vllm" else {}
+
+
 def _refuse_remote_code(model: str) -> None:
     """Refuses, in one line, a model whose config needs the model author's own Python code.
 

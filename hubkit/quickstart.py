@@ -100,9 +100,9 @@ def run_quickstart(
         f"[bold]hubkit quickstart[/bold]: model [cyan]{path}[/cyan], backend {backend}, {replicas} actor(s)"
     )
     t0 = time.perf_counter()
-    engine_options: dict[str, Any] = {"dtype": dtype}
-    if compile and backend == "vllm":
-        engine_options["enforce_eager"] = False
+    from hubkit.engine import compile_options
+
+    engine_options = {"dtype": dtype, **compile_options(backend, compile)}
     with EnginePool(
         path, backend=backend, replicas=replicas, address=address, engine_options=engine_options
     ) as pool:

@@ -1220,11 +1220,11 @@ def _pool_options(
     :class:`hubkit.backends.vllm.VLLMBackend`). Kept out of the job's identity, so run folders resume
     across hubkit versions. Perplexity reads every position and keeps them.
     """
-    options = dict(engine_options)
+    from hubkit.engine import compile_options
+
+    options = {**compile_options(backend, compile), **engine_options}
     if backend == "vllm" and task.kind == "multiple_choice" and options.get("fast_scoring", True):
         options.setdefault("prompt_logprobs", False)
-    if backend == "vllm" and compile:
-        options.setdefault("enforce_eager", False)
     return options
 
 
