@@ -172,6 +172,12 @@ def test_encode_pairs_batches_to_the_same_ids_as_encode_pair(tiny_model_dir: Pat
     for folder in (tiny_model_dir, resolve_model("default")):
         tok = AutoTokenizer.from_pretrained(folder)
         assert encode_pairs(tok, pairs) == [encode_pair(tok, c, x) for c, x in pairs]
+    # A tokenizer with truncation of its own takes transformers' call (which switches it off), so a
+    # long context is not cut short either.
+    tok.backend_tokenizer.enable_truncation(3)
+    batched = encode_pairs(tok, pairs)
+    assert max(len(ctx) for ctx, _ in batched) > 3
+    assert batched == [encode_pair(tok, c, x) for c, x in pairs]
     with pytest.raises(InvalidRequestError, match="continuation"):
         encode_pairs(tok, [("영화", " 좋다"), ("영화", "")])
 

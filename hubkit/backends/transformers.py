@@ -166,10 +166,17 @@ def encode_pair(
         (context token ids, continuation token ids).
     """
     prefix = prefix_token_id(tokenizer)
+    return _encode_pair(tokenizer, prefix, tokenizer.decode([prefix]), context, continuation, seq2seq)
 
+
+def _encode_pair(
+    tokenizer: Any, prefix: int, prefix_text: str, context: str, continuation: str, seq2seq: bool
+) -> tuple[list[int], list[int]]:
+    # encode_pair with the prefix token and its text looked up once by the caller (encode_pairs runs
+    # this per request).
     def encode(text: str, add_special_tokens: bool | None = None) -> list[int]:
         if add_special_tokens is None:
-            add_special_tokens = not text.startswith(tokenizer.decode([prefix]))
+            add_special_tokens = not text.startswith(prefix_text)
         return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
     if context == "":
@@ -208,7 +215,8 @@ def encode_pairs(
     text the batch did not foresee is encoded on its own, so the result never depends on the guess.
     """
     memo = _MemoTokenizer(tokenizer)
-    prefix_text = memo.decode([prefix_token_id(tokenizer)])
+    prefix = prefix_token_id(tokenizer)
+    prefix_text = memo.decode([prefix])
     wanted: dict[bool, dict[str, None]] = {True: {}, False: {}}
     for context, continuation in pairs:
         if not context or seq2seq:
@@ -218,7 +226,7 @@ def encode_pairs(
             wanted[not text.startswith(prefix_text)][text] = None
     for special, texts in wanted.items():
         memo.prefill(list(texts), add_special_tokens=special)
-    return [encode_pair(memo, c, x, seq2seq=seq2seq) for c, x in pairs]  # type: ignore[arg-type]
+    return [_encode_pair(memo, prefix, prefix_text, c, x, seq2seq) for c, x in pairs]
 
 
 class _MemoTokenizer:
@@ -234,10 +242,8 @@ class _MemoTokenizer:
 
     def prefill(self, texts: list[str], *, add_special_tokens: bool) -> None:
         if texts:
-            batch = self._tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
-            self._encoded.update(
-                ((t, add_special_tokens), list(ids)) for t, ids in zip(texts, batch, strict=True)
-            )
+            batch = _encode_batch(self._tokenizer, texts, add_special_tokens=add_special_tokens)
+            self._encoded.update(((t, add_special_tokens), ids) for t, ids in zip(texts, batch, strict=True))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         key = (text, add_special_tokens)
@@ -250,6 +256,22 @@ class _MemoTokenizer:
         if key not in self._decoded:
             self._decoded[key] = self._tokenizer.decode(list(ids))
         return self._decoded[key]
+
+
+def _encode_batch(tokenizer: Any, texts: list[str], *, add_special_tokens: bool) -> list[list[int]]:
+    """``tokenizer(texts)["input_ids"]``, straight from the Rust tokenizer when that gives the same ids.
+
+    transformers' batch call builds a Python dict per text (attention masks, offsets, word ids) that
+    scoring never reads: measured on NSMC prompts it took 60% of the tokenizing time, and tokenizing
+    about a fifth of a scoring actor's time on the default model. The Rust ``encode_batch_fast`` skips
+    the offsets as well. Taken only when the tokenizer has no truncation or padding of its own set,
+    which transformers would switch off for the call.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+    return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
 
 
 def _nonempty(ids: list[int], text: str) -> list[int]:
