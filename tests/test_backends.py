@@ -160,18 +160,32 @@ def test_encode_pair_follows_lm_eval(tiny_model_dir: Path) -> None:
 
 
 def test_encode_pairs_batches_to_the_same_ids_as_encode_pair(tiny_model_dir: Path) -> None:
+    from tokenizers import normalizers
     from transformers import AutoTokenizer
 
-    from hubkit.backends.transformers import encode_pair, encode_pairs
+    from hubkit.backends.transformers import _joins_at_word_starts, encode_pair, encode_pairs
     from hubkit.models import resolve_model
 
     eos = "<|endoftext|>"
     pairs = [(c, x) for c in KOREAN_PROMPTS for x in CHOICES]
     pairs += [("", "영화가 재밌다"), ("이 영화 정말 ", "최고"), ("배우들의 연기가  \n", " 좋다")]
     pairs += [(eos + "문장: 좋다 긍부정:", " 긍정"), (eos, "영화"), ("   ", " 별로"), ("영화", eos + " 끝")]
+    pairs += [
+        (eos, " 영화"),
+        ("영화" + eos, " 끝"),
+        ("점수: 10", " 점"),
+        ("ㅋㅋㅋ", " ㅋㅋ"),
+        ("최고!", " !!"),
+    ]
     for folder in (tiny_model_dir, resolve_model("default")):
         tok = AutoTokenizer.from_pretrained(folder)
+        # The GPT-2 style tokenizers encode a continuation that starts a word on its own.
+        assert _joins_at_word_starts(tok, pairs)
         assert encode_pairs(tok, pairs) == [encode_pair(tok, c, x) for c, x in pairs]
+    # A normalizer could change text across the boundary: lm-eval's way (encode the whole string).
+    tok.backend_tokenizer.normalizer = normalizers.Replace(" 좋", "좋")
+    assert not _joins_at_word_starts(tok, pairs)
+    assert encode_pairs(tok, pairs) == [encode_pair(tok, c, x) for c, x in pairs]
     # A tokenizer with truncation of its own takes transformers' call (which switches it off), so a
     # long context is not cut short either.
     tok.backend_tokenizer.enable_truncation(3)

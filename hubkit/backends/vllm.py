@@ -76,6 +76,7 @@ _DTYPES = {"auto", "float32", "float", "bfloat16", "float16", "half"}
 #: KV block size of hubkit's engines on CPU: the prefix cache's granularity (see VLLMBackend).
 CPU_BLOCK_SIZE = 32
 _request_counter = itertools.count()
+_PROCESS_TAG = uuid.uuid4().hex[:12]
 
 
 class _EngineLoop:
@@ -908,6 +909,9 @@ async def _read_chain(
         detokenize=False,
         output_kind=RequestOutputKind.FINAL_ONLY,
         extra_args={FORCED_TOKENS_ARG: list(chain.forced), REPORT_STEPS_ARG: list(report)} if m else None,
+        # These params belong to this one request, so vLLM may use them without its per-request
+        # deep copy (measured: 2% of a scoring actor's time).
+        skip_clone=True,
     )
     final = None
     prompt = _engine_input(list(chain.prompt), None, soft_prompt)
@@ -1138,7 +1142,9 @@ def _tokens(ids: list[int], prompt: str | None) -> Any:
 
 
 def _request_id() -> str:
-    return f"hubkit-{next(_request_counter)}-{uuid.uuid4().hex[:12]}"
+    # A counter behind a per-process random tag: unique like a uuid4 each, without a urandom call per
+    # request (scoring sends one request per row).
+    return f"hubkit-{_PROCESS_TAG}-{next(_request_counter)}"
 
 
 def decode_continuation(tokenizer: Any, prompt_ids: Sequence[int], token_ids: Sequence[int]) -> str:
