@@ -1109,6 +1109,9 @@ def _to_vllm(params: SamplingParams, output_kind: Any, *, detokenize: bool = Tru
         ignore_eos=params.ignore_eos,
         output_kind=output_kind,
         detokenize=detokenize,
+        # Each call builds its own params for one engine, so vLLM's per-request deep copy (which
+        # protects params a caller shares across engines) is not needed: a shallow copy per request.
+        skip_clone=True,
     )
 
 
