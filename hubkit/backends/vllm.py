@@ -1109,8 +1109,9 @@ def _to_vllm(params: SamplingParams, output_kind: Any, *, detokenize: bool = Tru
         ignore_eos=params.ignore_eos,
         output_kind=output_kind,
         detokenize=detokenize,
-        # Each call builds its own params for one engine, so vLLM's per-request deep copy (which
-        # protects params a caller shares across engines) is not needed: a shallow copy per request.
+        # These params serve one call on one engine, so vLLM's per-request deep copy (it guards params
+        # a caller shares across engines) is not needed: each request gets a shallow copy. What vLLM
+        # fills in per request is the same for all of them (the model's stop tokens).
         skip_clone=True,
     )
 
