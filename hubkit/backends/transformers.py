@@ -241,6 +241,11 @@ def encode_pairs(
     return [_encode_pair(memo, prefix, prefix_text, c, x, seq2seq, joins) for c, x in pairs]
 
 
+def _rust_tokenizer(tokenizer: Any) -> Any:
+    """The Rust ``tokenizers.Tokenizer`` behind a fast transformers tokenizer; None for a slow one."""
+    return getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+
+
 def _starts_word(text: str) -> bool:
     """One space, then a character that is not whitespace: where a GPT-2 style pre-tokenizer splits."""
     return len(text) > 1 and text[0] == " " and not text[1].isspace()
@@ -259,7 +264,7 @@ def _joins_at_word_starts(tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> b
     tokens must match exactly (no stripping, no whitespace inside) and special tokens go only in front.
     Anything else, or a disagreement on the first requests, keeps lm-eval's way.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    backend = _rust_tokenizer(tokenizer)
     if backend is None or backend.normalizer is not None:
         return False
     pre, model = backend.pre_tokenizer, backend.model
@@ -321,7 +326,7 @@ def _encode_batch(tokenizer: Any, texts: list[str], *, add_special_tokens: bool)
     the offsets as well. Taken only when the tokenizer has no truncation or padding of its own set,
     which transformers would switch off for the call.
     """
-    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    backend = _rust_tokenizer(tokenizer)
     if backend is None or backend.truncation is not None or backend.padding is not None:
         return [list(ids) for ids in tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]]
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
