@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from scoring import Precision  # the scoring benchmark's: both benchmarks compute alike
+from scoring import Precision, build_25m  # the scoring benchmark's: both benchmarks compute alike
 
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLE = ROOT / "tests" / "data" / "ko_reviews_sample.txt"
@@ -59,19 +59,6 @@ def korean_prompts(n: int) -> list[str]:
     """The first few words of real NSMC reviews (the repo's CC0 sample)."""
     lines = [ln.strip() for ln in SAMPLE.read_text(encoding="utf-8").splitlines() if len(ln.split()) >= 4]
     return [" ".join(ln.split()[:3]) for ln in lines[:n]]
-
-
-def build_25m(default_dir: str, out: Path) -> str:
-    """The ~25M-parameter preset with the default model's tokenizer (random weights: speed only)."""
-    from transformers import AutoTokenizer
-
-    from hubkit.presets import build_model
-
-    tok = AutoTokenizer.from_pretrained(default_dir)
-    model = build_model("neox-25m", vocab_size=len(tok))
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return str(out)
 
 
 def median_run(runs: list[tuple[int, float]]) -> tuple[int, float]:
@@ -353,7 +340,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         models = {}
         for name in args.models.split(","):
-            models[name] = default_dir if name == "default" else build_25m(default_dir, Path(tmp) / name)
+            models[name] = (
+                default_dir
+                if name == "default"
+                else build_25m(default_dir, Path(tmp) / name, special_ids=False)
+            )
         for setting in args.settings.split(","):
             params = settings[setting]
             for model in models.values():

@@ -267,8 +267,12 @@ def run_tfidf(
 # --------------------------------------------------------------------------------------------------
 
 
-def build_25m(tokenizer_dir: str, out: Path) -> str:
-    """The ~25M-parameter preset with the default model's tokenizer (random weights: speed only)."""
+def build_25m(tokenizer_dir: str, out: Path, *, special_ids: bool = True) -> str:
+    """The ~25M-parameter preset with the default model's tokenizer (random weights: speed only).
+
+    ``special_ids=False`` keeps the preset's own bos/eos/pad ids (GPT-NeoX's config defaults) instead of the
+    tokenizer's: the generation benchmark's published 25M ``eos`` rows were measured with those.
+    """
     from transformers import AutoTokenizer
 
     from hubkit.presets import build_model
@@ -279,7 +283,8 @@ def build_25m(tokenizer_dir: str, out: Path) -> str:
         "eos_token_id": tok.eos_token_id,
         "pad_token_id": tok.pad_token_id,
     }
-    model = build_model("neox-25m", vocab_size=len(tok), **{k: v for k, v in ids.items() if v is not None})
+    ids = {k: v for k, v in ids.items() if v is not None} if special_ids else {}
+    model = build_model("neox-25m", vocab_size=len(tok), **ids)
     model.eval().save_pretrained(out)
     tok.save_pretrained(out)
     return str(out)
