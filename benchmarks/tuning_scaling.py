@@ -201,10 +201,12 @@ def write_report(points: list[Point], meta: dict, out: Path) -> str:
     shipped = next(p for p in points if p.model == "shipped default")
     speeds = [p.tokens_per_second for p in points if p.model != "shipped default" and p.tokens_per_second]
     speed = max(speeds) if speeds else shipped.tokens_per_second
+    pretrain = sum(p.pretrain_seconds or 0.0 for p in points if p.model != "shipped default")
     lines = [
         "Prompt tuning's NSMC test accuracy (all 5,000 rows of `ratings_test.txt`) against the pretraining "
         "budget of the frozen base model. One run of `benchmarks/tuning_scaling.py` "
-        f"({meta['wall_seconds'] / 60:.0f} min wall on {meta['cpus']} shared CPU cores). Every base model is the "
+        f"({meta['wall_seconds'] / 60:.0f} min wall on {meta['cpus']} shared CPU cores, plus {pretrain / 60:.0f} min "
+        "of pretraining for the base models it trained or found already trained in `--work`). Every base model is the "
         "shipped default model's recipe (`neox-small`, 7.3M parameters, trained on the 200,000 reviews of "
         "`reviews_unlabeled.txt`, 3.7M tokens) with another step budget; 2,400 steps is the shipped model. "
         "Prompt tuning and the frozen-features yardstick are `benchmarks/tuning.py`'s, on the same split.",
