@@ -21,6 +21,7 @@ the budget at which that rate would reach the baseline. The review corpus is 3.7
 repeat it: the extrapolation is the optimistic case.
 
     .venv/bin/python benchmarks/tuning_scaling.py   # writes benchmarks/results/tuning-scaling.{md,json,png}
+    .venv/bin/python benchmarks/tuning_scaling.py --add --steps 16000   # one more budget, the others kept
 """
 
 from __future__ import annotations
@@ -131,11 +132,20 @@ def main() -> None:
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the .md and .png from the .json next to --out"
     )
+    parser.add_argument(
+        "--add",
+        action="store_true",
+        help="keep the points of the .json next to --out and measure only the budgets it lacks",
+    )
     args = parser.parse_args()
+    saved_path = args.out.with_suffix(".json")
+    saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else None
     if args.report_only:
-        saved = json.loads(args.out.with_suffix(".json").read_text(encoding="utf-8"))
+        if saved is None:
+            raise SystemExit(f"--report-only: no {saved_path}; run without it first")
         print(write_report([Point(**p) for p in saved["points"]], saved["meta"], args.out))
         return
+    kept = [Point(**p) for p in saved["points"]] if args.add and saved else []
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from hubkit.models import resolve_model
@@ -147,16 +157,22 @@ def main() -> None:
     test_file = args.data_dir / "ratings_test.txt"
     unlabeled = args.data_dir / "reviews_unlabeled.txt"
     train, dev = split_train(train_file, work)
-    tfidf, _ = run_tfidf(train_file, test_file)
-    print(f"tf-idf {tfidf.acc:.4f}", flush=True)
+    # With --add the data and split are the saved run's, so its baseline still holds.
+    tfidf_acc = saved["meta"]["tfidf_acc"] if kept else run_tfidf(train_file, test_file)[0].acc
+    print(f"tf-idf {tfidf_acc:.4f}", flush=True)
 
-    models: dict[int, Path] = {2400: Path(resolve_model("default"))}
-    for steps in sorted(int(s) for s in args.steps.split(",") if s.strip()):
+    have = {p.steps for p in kept}
+    budgets = sorted({2400, *(int(s) for s in args.steps.split(",") if s.strip())} - have)
+    models: dict[int, Path] = {}
+    for steps in budgets:
+        if steps == 2400:  # the shipped model
+            models[steps] = Path(resolve_model("default"))
+            continue
         t0 = time.perf_counter()
         models[steps] = pretrain(steps, work, unlabeled, test_file, args.threads)
         print(f"base model, {steps} steps: {models[steps]} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    points: list[Point] = []
+    points: list[Point] = list(kept)
     for steps in sorted(models):
         model = models[steps]
         info = json.loads((model / "training.json").read_text(encoding="utf-8"))
@@ -179,11 +195,12 @@ def main() -> None:
         )
         print(points[-1], flush=True)
 
+    points.sort(key=lambda p: p.tokens)
     meta = {
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
-        "wall_seconds": time.perf_counter() - start,
-        "tfidf_acc": tfidf.acc,
+        "wall_seconds": time.perf_counter() - start + (saved["meta"]["wall_seconds"] if kept else 0.0),
+        "tfidf_acc": tfidf_acc,
     }
     print(write_report(points, meta, args.out))
 
