@@ -42,6 +42,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "nsmc"
 DEV_ROWS = 1000
+# The prompt-tuning run's settings (the CLI flags' defaults); benchmarks/tuning_scaling.py tunes with them too.
+PROMPT_SETTINGS = {"num_virtual_tokens": 50, "epochs": 2.0, "lr": 0.3, "batch_size": 16, "patience": 4}
+EVAL_EVERY_ROWS = 6400
 
 
 @dataclass(frozen=True)
@@ -118,6 +121,24 @@ def metrics_row(system: str, metrics, *, train_seconds=None, trainable=None, not
         trainable=trainable,
         parameters=metrics.model_parameters,
         note=note,
+    )
+
+
+def prompt_config(
+    model: str, train: Path, dev: Path, out: Path, *, eval_every_rows: int = EVAL_EVERY_ROWS, **options
+):
+    """The ``hubkit tune --method prompt`` config: `PROMPT_SETTINGS` with ``options`` over them."""
+    from hubkit.tuning import TuneConfig
+
+    settings = {**PROMPT_SETTINGS, **options}
+    return TuneConfig(
+        model=model,
+        method="prompt",
+        train=train,
+        eval=dev,
+        out=out,
+        eval_every=max(1, eval_every_rows // settings["batch_size"]),
+        **settings,
     )
 
 
@@ -233,15 +254,17 @@ def main() -> None:
         "--data-dir", type=Path, default=DEFAULT_DATA, help="folder with NSMC's ratings_*.txt"
     )
     parser.add_argument("--work", type=Path, default=None, help="folder for runs (default: a temporary one)")
-    parser.add_argument("--virtual-tokens", type=int, default=50)
-    parser.add_argument("--prompt-epochs", type=float, default=2.0)
-    parser.add_argument("--prompt-lr", type=float, default=0.3)
+    parser.add_argument("--virtual-tokens", type=int, default=PROMPT_SETTINGS["num_virtual_tokens"])
+    parser.add_argument("--prompt-epochs", type=float, default=PROMPT_SETTINGS["epochs"])
+    parser.add_argument("--prompt-lr", type=float, default=PROMPT_SETTINGS["lr"])
     parser.add_argument("--full-epochs", type=float, default=2.0)
     parser.add_argument("--full-lr", type=float, default=3e-4)
-    parser.add_argument("--prompt-batch-size", type=int, default=16)
+    parser.add_argument("--prompt-batch-size", type=int, default=PROMPT_SETTINGS["batch_size"])
     parser.add_argument("--full-batch-size", type=int, default=32)
-    parser.add_argument("--eval-every", type=int, default=6400, help="training rows between dev evaluations")
-    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument(
+        "--eval-every", type=int, default=EVAL_EVERY_ROWS, help="training rows between dev evaluations"
+    )
+    parser.add_argument("--patience", type=int, default=PROMPT_SETTINGS["patience"])
     parser.add_argument("--no-pool", action="store_true", help="skip the vLLM cross-checks")
     parser.add_argument("--no-probe", action="store_true", help="skip the frozen-features yardstick")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "tuning.md")
@@ -292,17 +315,16 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     runs = {
-        "prompt": TuneConfig(
-            model="default",
-            method="prompt",
-            train=train,
-            eval=dev,
-            out=work / "prompt",
+        "prompt": prompt_config(
+            "default",
+            train,
+            dev,
+            work / "prompt",
+            eval_every_rows=args.eval_every,
             num_virtual_tokens=args.virtual_tokens,
             epochs=args.prompt_epochs,
             lr=args.prompt_lr,
             batch_size=args.prompt_batch_size,
-            eval_every=max(1, args.eval_every // args.prompt_batch_size),
             patience=args.patience,
             progress=False,
             overwrite=True,

@@ -35,7 +35,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tuning import DEFAULT_DATA, ROOT, frozen_probe, run_tfidf, split_train
+from tuning import DEFAULT_DATA, ROOT, frozen_probe, prompt_config, run_tfidf, split_train
 
 
 @dataclass(frozen=True)
@@ -56,30 +56,26 @@ class Point:
 
 
 def pretrain(steps: int, work: Path, unlabeled: Path, test: Path, threads: int | None) -> Path:
-    """The default model's recipe with ``steps`` steps; reuses a finished run in ``work/steps-N``."""
+    """The shipped default model's recipe (its ``training.json``) with ``steps`` steps; reuses a finished run
+    in ``work/steps-N``."""
+    from hubkit.models import resolve_model
     from hubkit.training import TrainConfig, train_lm
 
     out = work / f"steps-{steps}"
     if (out / "training.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    train_lm(
-        TrainConfig(
-            data=unlabeled,
-            out=out,
-            preset="neox-small",
-            vocab_size=8000,
-            steps=steps,
-            batch_size=16,
-            seq_len=128,
-            lr=2e-3,
-            warmup=min(100, steps // 10),
-            checkpoint_every=0,
-            eval_data=test,
-            dtype="bfloat16",
-            seed=0,
-            threads=threads,
-        )
+    shipped = json.loads((Path(resolve_model("default")) / "training.json").read_text(encoding="utf-8"))
+    recipe = {**shipped["config"], "resume": False, "stop_after": None}
+    recipe.update(
+        data=unlabeled,
+        out=out,
+        steps=steps,
+        warmup=min(recipe["warmup"], steps // 10),
+        checkpoint_every=0,
+        eval_data=test,
+        threads=threads,
     )
+    train_lm(TrainConfig(**recipe))
     return out
 
 
@@ -87,24 +83,9 @@ def prompt_tune(
     model: Path, train: Path, dev: Path, test: Path, out: Path
 ) -> tuple[float, float | None, float]:
     """``hubkit tune --method prompt`` with benchmarks/tuning.py's settings: (test acc, dev acc, train s)."""
-    from hubkit.tuning import TuneConfig, evaluate, tune
+    from hubkit.tuning import evaluate, tune
 
-    config = TuneConfig(
-        model=str(model),
-        method="prompt",
-        train=train,
-        eval=dev,
-        out=out / "prompt",
-        num_virtual_tokens=50,
-        epochs=2.0,
-        lr=0.3,
-        batch_size=16,
-        eval_every=400,
-        patience=4,
-        card=False,
-        progress=False,
-        overwrite=True,
-    )
+    config = prompt_config(str(model), train, dev, out / "prompt", card=False, progress=False, overwrite=True)
     result = tune(config)
     metrics = evaluate(
         str(model), adapter=config.out, data=test, out=out / "prompt-test", split="test", progress=False
