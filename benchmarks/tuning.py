@@ -163,6 +163,20 @@ def score_untuned(test: Path, train: Path, out: Path):
     return replace(metrics, seconds=time.perf_counter() - t0)
 
 
+def answer_shares(run: Path) -> str:
+    """Which answer the untuned model gives most per shot count, and to what share of rows."""
+    import pandas as pd
+
+    from hubkit.results import PREDICTIONS_FILE
+
+    frame = pd.read_parquet(run / PREDICTIONS_FILE)
+    parts = []
+    for shots, rows in frame.groupby("shots"):
+        counts = rows["prediction"].value_counts(normalize=True)
+        parts.append(f"{counts.index[0]} on {counts.iloc[0]:.2%} of rows {shots}-shot")
+    return ", ".join(parts)
+
+
 def frozen_probe(model: str, train: Path, test: Path, *, train_rows: int = 5000) -> Row:
     """Logistic regression on the frozen model's hidden states at the prompt's last token (all layers)."""
     import numpy as np
@@ -294,7 +308,7 @@ def main() -> None:
     timings["score 0- and 5-shot (hubkit score, with engine start)"] = untuned.seconds
     notes.append(
         f"0-shot and 5-shot: one `hubkit score` run with both shot counts ({untuned.seconds:.0f} s with engine "
-        "start). The default model always answers 부정: ` 긍정` is three tokens, ` 부정` one."
+        f"start). The untuned model gives nearly every row the same answer: {answer_shares(work / 'default')}."
     )
     for r in sorted(untuned.results, key=lambda r: r.shots):
         rows.append(

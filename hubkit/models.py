@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -18,6 +19,22 @@ BUNDLED_MODELS = {
     name: Path(__file__).resolve().parent / "assets" / "ko-nsmc-byt5"
     for name in ("ko-nsmc-byt5", "hubkit/ko-nsmc-byt5")
 }
+
+#: Files of a model folder that decide its outputs; training logs, cards and plots do not.
+_MODEL_FILES = {
+    "config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+}
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+#: Up to this many bytes of weights are hashed whole; beyond it, by size and modification time (a retrained
+#: or re-downloaded file is rewritten, so its time changes; hashing gigabytes on every run would not pay).
+CONTENT_HASH_LIMIT = 256 * 1024 * 1024
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -58,3 +75,39 @@ def resolve_model(model: str | os.PathLike[str] | None) -> str:
             f"model {text!r} not found: pass an existing model folder, a Hub id like 'org/name', or 'default'"
         )
     return text
+
+
+def model_fingerprint(model: str | os.PathLike[str] | None) -> str | None:
+    """A short digest of what decides a local model's outputs: its weights, config and tokenizer files.
+
+    Run folders record it, so that scoring a retrained model into the folder of its earlier weights is
+    refused instead of resumed with stale rows. A copy of a folder of up to `CONTENT_HASH_LIMIT` bytes of
+    weights has the same digest (contents are hashed); a larger one is told by sizes and modification times.
+
+    Args:
+        model: Anything `resolve_model` accepts.
+
+    Returns:
+        16 hex digits, or None for a Hub id (its files are not here to read).
+    """
+    resolved = Path(resolve_model(model))
+    if not resolved.is_dir():
+        return None
+    files = sorted(
+        f
+        for f in resolved.iterdir()
+        if f.is_file() and (f.name in _MODEL_FILES or f.name.endswith(_WEIGHT_SUFFIXES))
+    )
+    whole = sum(f.stat().st_size for f in files if f.name.endswith(_WEIGHT_SUFFIXES)) <= CONTENT_HASH_LIMIT
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode() + b"\0")
+        if whole or not f.name.endswith(_WEIGHT_SUFFIXES):
+            with open(f, "rb") as fh:
+                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
+                    digest.update(block)
+        else:
+            stat = f.stat()
+            digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]

@@ -289,10 +289,11 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
 
         adapter = load_prompt_adapter(adapter_dir)  # a bad folder fails before Ray starts
     engine_options = {"dtype": config.dtype, **config.engine_options}
-    if pool is None:
-        from hubkit.models import resolve_model
+    from hubkit.models import model_fingerprint
 
-        resolve_model(config.model)  # a bad model fails before Ray starts
+    # Also checks the model: a bad one fails before Ray starts.
+    model_files = model_fingerprint(model)
+    if pool is None:
         from hubkit.engine import choose_backend
 
         backend = choose_backend(config.model, backend)  # "auto" resolved, so the run records the real one
@@ -340,6 +341,8 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
             "schema": JOB_SCHEMA,
             "task": task.to_dict(),
             "model": model,
+            # A retrained model in the same folder is another job: its old rows must not be resumed.
+            "model_files": model_files,
             "backend": backend,
             "engine_options": _jsonable(engine_options),
             "data": [_file_digest(f) for f in data_files],
@@ -799,9 +802,10 @@ def _open_run_dir(out: Path, job: Mapping[str, Any], *, overwrite: bool) -> None
             if not overwrite:
                 old = existing.get("job", {})
                 differs = sorted(k for k in set(job) | set(old) if job.get(k) != old.get(k)) or ["schema"]
+                why = " (the model's weights or tokenizer changed)" if "model_files" in differs else ""
                 raise DataError(
-                    f"{out} holds the results of a different job ({', '.join(differs)} differ); pass a new --out, "
-                    "or --overwrite to replace them"
+                    f"{out} holds the results of a different job ({', '.join(differs)} differ{why}); pass a new "
+                    "--out, or --overwrite to replace them"
                 )
             clear_run_dir(out)
     elif overwrite:

@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from hubkit.errors import DataError, InvalidRequestError
+from hubkit.models import model_fingerprint
 from hubkit.runs import CHECKPOINTS, append_jsonl, command_line, library_versions, list_checkpoints
 from hubkit.scoring import argmax  # the choice lm-eval's acc counts: first of equal maxima
 
@@ -1417,6 +1418,7 @@ def _truncate_log(path: Path, step: int) -> None:
 def _fingerprint(config: TuneConfig, resolved: str) -> str:
     values = {k: v for k, v in config.to_json().items() if k not in _NOT_FINGERPRINTED}
     values["model"] = resolved
+    values["model_files"] = model_fingerprint(resolved)
     values["lr"] = config.learning_rate
     values["weight_decay"] = config.decay
     values["data"] = {str(p): _digest(p) for p in (config.train, config.eval) if p is not None}

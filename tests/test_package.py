@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,36 @@ def test_resolve_model_paths_and_hub_ids(tmp_path: Path) -> None:
         resolve_model(str(tmp_path))
     (tmp_path / "config.json").write_text("{}")
     assert resolve_model(str(tmp_path)) == str(tmp_path.resolve())
+
+
+def test_model_fingerprint_follows_weights_and_tokenizer_not_docs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    from hubkit import models
+
+    folder = tmp_path / "m"
+    shutil.copytree(DEFAULT_MODEL_DIR, folder)
+    first = models.model_fingerprint(folder)
+    assert first == models.model_fingerprint("default")  # contents, not paths or times, for a small model
+    (folder / "TRAINING.md").write_text("rewritten", encoding="utf-8")
+    (folder / "train_log.jsonl").unlink()
+    assert models.model_fingerprint(folder) == first
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of the last tensor: "retrained"
+    weights.write_bytes(bytes(data))
+    retrained = models.model_fingerprint(folder)
+    assert retrained not in {first, None}
+    (folder / "tokenizer.json").write_text("{}", encoding="utf-8")
+    assert models.model_fingerprint(folder) not in {first, retrained}
+    # Past the content-hash limit a rewritten weights file is told by its size and modification time.
+    monkeypatch.setattr(models, "CONTENT_HASH_LIMIT", 0)
+    before = models.model_fingerprint(folder)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert models.model_fingerprint(folder) != before
+    assert models.model_fingerprint("EleutherAI/polyglot-ko-1.3b") is None
 
 
 @pytest.mark.parametrize(

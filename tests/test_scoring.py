@@ -233,7 +233,7 @@ def test_parquet_data_scores_like_the_tsv(
 
 
 @pytest.mark.slow
-def test_grid_run_folder(grid_run: Any, pool: Any) -> None:
+def test_grid_run_folder(grid_run: Any, pool: Any, tiny_model_dir: Path) -> None:
     from sklearn.metrics import accuracy_score, f1_score
 
     from hubkit.engine import LoglikelihoodRequest
@@ -298,7 +298,12 @@ def test_grid_run_folder(grid_run: Any, pool: Any) -> None:
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
         assert f"(plots/{name}.png)" in report
     assert not (out / SHARDS_DIR).exists()  # merged into predictions.parquet
-    assert json.loads((out / JOB_FILE).read_text())["job"]["shots"] == list(GRID)
+    job = json.loads((out / JOB_FILE).read_text())["job"]
+    assert job["shots"] == list(GRID)
+    from hubkit.models import model_fingerprint
+
+    # Weights retrained in the same folder make another job (refused, not resumed with stale rows).
+    assert job["model_files"] is not None and job["model_files"] == model_fingerprint(tiny_model_dir)
 
 
 @pytest.mark.slow
