@@ -10,8 +10,9 @@ later from a run folder. Layout of a run folder (schema ``hubkit.run/1``)::
                                    loglikelihoods_norm (per-char normalised), error (null when scored)
       report.md                    the tables, for people
       plots/confusion_<shots>shot.png, plots/scores_<shots>shot.png, plots/nshot.png (grid runs only)
-      job.json                     what the folder holds (task, data checksums, model, shots, seed): a
-                                   rerun resumes only the same job (schema ``hubkit.job/1``)
+      job.json                     what the folder holds (task, data checksums, model and its files'
+                                   digest, shots, seed): a rerun resumes only the same job on the same
+                                   weights (schema ``hubkit.job/1``)
       shards/part-*.parquet        only while a job runs or after it was interrupted: finished batches,
                                    same columns as predictions.parquet, merged into it at the end
 

@@ -17,9 +17,9 @@ cluster) does, for a task (:mod:`hubkit.tasks`), data files (:mod:`hubkit.datase
    deduplicated by ``(row_id, shots)``), and writes ``metrics.json``, ``report.md`` and the plots: the
    run folder of :mod:`hubkit.results`.
 
-``OUT/job.json`` records what the folder holds (task, data checksums, model, shots, seed...): running a
-different job into the same folder is refused (``--overwrite`` replaces it), so a resumed run never
-mixes results of two jobs.
+``OUT/job.json`` records what the folder holds (task, data checksums, model and a digest of its files, shots,
+seed...): running a different job into the same folder, or the same job on retrained weights, is refused
+(``--overwrite`` replaces it), so a resumed run never mixes results of two jobs.
 """
 
 from __future__ import annotations
