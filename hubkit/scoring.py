@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hubkit.errors import DataError, HubkitError, InvalidRequestError
+from hubkit.errors import DataError, HubkitError, InvalidRequestError, ModelNotFoundError
 from hubkit.results import (
     METRICS_FILE,
     PLOTS_DIR,
@@ -291,8 +291,12 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
     engine_options = {"dtype": config.dtype, **config.engine_options}
     from hubkit.models import model_fingerprint
 
-    # Also checks the model: a bad one fails before Ray starts.
-    model_files = model_fingerprint(model)
+    try:
+        model_files = model_fingerprint(model)  # also checks the model: a bad one fails before Ray starts
+    except ModelNotFoundError:
+        if pool is None:
+            raise
+        model_files = None  # a running pool's model may live only on its cluster's nodes
     if pool is None:
         from hubkit.engine import choose_backend
 
