@@ -38,6 +38,11 @@ from pathlib import Path
 
 from tuning import DEFAULT_DATA, ROOT, frozen_probe, prompt_config, run_tfidf, split_train
 
+#: `Point.model` of the model hubkit ships (the saved JSON holds this label).
+SHIPPED = "shipped default"
+#: `reviews_unlabeled.txt` packed by the default tokenizer (``training.json``: ``corpus.tokens``).
+CORPUS_TOKENS = 3_680_384
+
 
 @dataclass(frozen=True)
 class Point:
@@ -56,25 +61,21 @@ class Point:
     model: str
 
 
-def shipped_steps() -> int:
-    """The pretraining steps of the default model as shipped."""
+def shipped_training() -> dict:
+    """The shipped default model's ``training.json``: its recipe (``config``) and step count (``steps``)."""
     from hubkit.models import resolve_model
 
-    info = json.loads((Path(resolve_model("default")) / "training.json").read_text(encoding="utf-8"))
-    return int(info["steps"])
+    return json.loads((Path(resolve_model("default")) / "training.json").read_text(encoding="utf-8"))
 
 
-def pretrain(steps: int, work: Path, unlabeled: Path, test: Path, threads: int | None) -> Path:
-    """The shipped default model's recipe (its ``training.json``) with ``steps`` steps; reuses a finished run
-    in ``work/steps-N``."""
-    from hubkit.models import resolve_model
+def pretrain(steps: int, recipe: dict, work: Path, unlabeled: Path, test: Path, threads: int | None) -> Path:
+    """``recipe`` (a ``training.json`` config) with ``steps`` steps; reuses a finished run in ``work/steps-N``."""
     from hubkit.training import TrainConfig, train_lm
 
     out = work / f"steps-{steps}"
     if (out / "training.json").is_file() and (out / "model.safetensors").is_file():
         return out
-    shipped = json.loads((Path(resolve_model("default")) / "training.json").read_text(encoding="utf-8"))
-    recipe = {**shipped["config"], "resume": False, "stop_after": None}
+    recipe = {**recipe, "resume": False, "stop_after": None}
     recipe.update(
         data=unlabeled,
         out=out,
@@ -152,7 +153,8 @@ def main() -> None:
     print(f"tf-idf {tfidf_acc:.4f}", flush=True)
 
     have = {p.steps for p in kept}
-    shipped = shipped_steps()
+    training = shipped_training()
+    shipped = int(training["steps"])
     budgets = sorted({shipped, *(int(s) for s in args.steps.split(",") if s.strip())} - have)
     models: dict[int, Path] = {}
     for steps in budgets:
@@ -160,7 +162,7 @@ def main() -> None:
             models[steps] = Path(resolve_model("default"))
             continue
         t0 = time.perf_counter()
-        models[steps] = pretrain(steps, work, unlabeled, test_file, args.threads)
+        models[steps] = pretrain(steps, training["config"], work, unlabeled, test_file, args.threads)
         print(f"base model, {steps} steps: {models[steps]} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     points: list[Point] = list(kept)
@@ -181,7 +183,7 @@ def main() -> None:
                 prompt_acc=acc,
                 prompt_dev_acc=dev_acc,
                 prompt_train_seconds=seconds,
-                model="shipped default" if steps == shipped else str(model),
+                model=SHIPPED if steps == shipped else str(model),
             )
         )
         print(points[-1], flush=True)
@@ -206,7 +208,7 @@ def write_report(points: list[Point], meta: dict, out: Path) -> str:
     top, below = points[-1], points[-2]
     rate = (top.prompt_acc - below.prompt_acc) / math.log2(top.tokens / below.tokens)
     probe_rate = (top.probe_acc - below.probe_acc) / math.log2(top.tokens / below.tokens)
-    shipped = next(p for p in points if p.model == "shipped default")
+    shipped = next(p for p in points if p.model == SHIPPED)
     speed = max(p.tokens_per_second or 0.0 for p in points) or None
     pretrain = sum(p.pretrain_seconds or 0.0 for p in points)
     lines = [
@@ -225,8 +227,8 @@ def write_report(points: list[Point], meta: dict, out: Path) -> str:
     for p in points:
         dev = "" if p.prompt_dev_acc is None else f"{p.prompt_dev_acc:.4f}"
         lines.append(
-            f"| {p.steps:,}{' (shipped)' if p.model == 'shipped default' else ''} | {p.tokens / 1e6:.1f}M "
-            f"| {p.tokens / 3_680_384:.2f} | {p.perplexity:.1f} | {p.bits_per_byte:.3f} | {p.probe_acc:.4f} "
+            f"| {p.steps:,}{' (shipped)' if p.model == SHIPPED else ''} | {p.tokens / 1e6:.1f}M "
+            f"| {p.tokens / CORPUS_TOKENS:.2f} | {p.perplexity:.1f} | {p.bits_per_byte:.3f} | {p.probe_acc:.4f} "
             f"| {p.prompt_acc:.4f} | {dev} | {p.prompt_acc - baseline:+.4f} |"
         )
     lines += [
@@ -245,7 +247,7 @@ def write_report(points: list[Point], meta: dict, out: Path) -> str:
         hours = need / speed / 3600 if speed else float("nan")
         lines.append(
             f"- At the top rate prompt tuning would reach the baseline after about {need / 1e6:,.0f}M pretraining "
-            f"tokens: {need / shipped.tokens:,.1f}x the shipped model's, {need / 3_680_384:,.1f} epochs of the "
+            f"tokens: {need / shipped.tokens:,.1f}x the shipped model's, {need / CORPUS_TOKENS:,.1f} epochs of the "
             f"review corpus, about {hours:,.1f} hours at this machine's {speed:,.0f} tokens/s (2 threads, bfloat16 "
             "autocast). The review corpus is the only Korean text here: whether the rate holds while it is "
             "repeated that often is what a run of that length would show."

@@ -45,7 +45,6 @@ forward on the same embeddings:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -53,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hubkit.errors import InvalidRequestError
+from hubkit.runs import hash_file
 
 if TYPE_CHECKING:
     import numpy as np
@@ -192,7 +192,7 @@ def load_prompt_adapter(path: str | os.PathLike[str]) -> PromptAdapter:
         num_virtual_tokens=int(n),
         token_dim=int(dim),
         base_model=str(base) if base else None,
-        sha256=_sha256(weights_file),
+        sha256=hash_file(weights_file).hexdigest(),
         embeddings=embeddings,
     )
 
@@ -227,14 +227,6 @@ def _read_prompt_embeddings(weights_file: Path) -> np.ndarray:
             "(lower the learning rate)"
         )
     return embeddings
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 __all__ = [

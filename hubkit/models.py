@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 from hubkit.errors import ModelNotFoundError
+from hubkit.runs import hash_file
 
 #: The Korean model that ships inside the package (trained by ``hubkit train-lm`` on NSMC reviews;
 #: see its TRAINING.md for the exact command).
@@ -103,9 +104,7 @@ def model_fingerprint(model: str | os.PathLike[str] | None) -> str | None:
     for f in files:
         digest.update(f.name.encode() + b"\0")
         if whole or not f.name.endswith(_WEIGHT_SUFFIXES):
-            with open(f, "rb") as fh:
-                for block in iter(lambda fh=fh: fh.read(1 << 20), b""):
-                    digest.update(block)
+            hash_file(f, digest)
         else:
             stat = f.stat()
             digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())

@@ -9,7 +9,9 @@ complete checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -33,6 +35,15 @@ def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
             ):
                 found.append((int(d.name[5:]), d))
     return sorted(found)
+
+
+def hash_file(path: str | os.PathLike[str], digest: Any = None) -> Any:
+    """Feeds a file's bytes, 1 MiB at a time, into ``digest`` (a new SHA-256 when None) and returns it."""
+    digest = hashlib.sha256() if digest is None else digest
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest
 
 
 def append_jsonl(path: Path, row: dict[str, Any]) -> None:

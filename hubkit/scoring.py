@@ -54,6 +54,7 @@ from hubkit.results import (
     ShotResult,
     write_metrics,
 )
+from hubkit.runs import hash_file
 from hubkit.tasks import Doc, FewShotSampler, RowError, TaskSpec, load_task, parse_shots
 
 if TYPE_CHECKING:
@@ -1211,11 +1212,7 @@ def _file_digest(path: str) -> dict[str, Any]:
     """Name and SHA-256 of a local file (a URI is recorded as given): the job's identity, not its path."""
     if "://" in path:
         return {"uri": path}
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return {"name": Path(path).name, "sha256": digest.hexdigest()}
+    return {"name": Path(path).name, "sha256": hash_file(path).hexdigest()}
 
 
 def _pool_options(

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from hubkit.errors import DataError, InvalidRequestError
 from hubkit.models import model_fingerprint
-from hubkit.runs import CHECKPOINTS, append_jsonl, command_line, library_versions, list_checkpoints
+from hubkit.runs import CHECKPOINTS, append_jsonl, command_line, hash_file, library_versions, list_checkpoints
 from hubkit.scoring import argmax  # the choice lm-eval's acc counts: first of equal maxima
 
 if TYPE_CHECKING:
@@ -1421,18 +1421,10 @@ def _fingerprint(config: TuneConfig, resolved: str) -> str:
     values["model_files"] = model_fingerprint(resolved)
     values["lr"] = config.learning_rate
     values["weight_decay"] = config.decay
-    values["data"] = {str(p): _digest(p) for p in (config.train, config.eval) if p is not None}
+    values["data"] = {str(p): hash_file(p).hexdigest() for p in (config.train, config.eval) if p is not None}
     for key in ("train", "eval"):
         values.pop(key, None)  # the files' contents decide, not where they are
     return hashlib.sha256(json.dumps(values, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
-
-
-def _digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _open_out(out: Path, fingerprint: str, *, overwrite: bool) -> str:
