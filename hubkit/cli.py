@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the idle CPUs)")
 
     p = sub.add_parser("presets", help="list model presets with their parameter counts")
 
@@ -315,6 +316,7 @@ def cmd_train_lm(args: argparse.Namespace) -> int:
         arch=args.arch,
         noise_density=args.noise_density,
         mean_span_length=args.mean_span_length,
+        threads=args.threads,
     )
     result = train_lm(config)
     print(result.summary())

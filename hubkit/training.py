@@ -179,6 +179,8 @@ class TrainConfig:
 
         if self.arch not in ARCHS:
             raise InvalidRequestError(f"--arch must be one of {', '.join(ARCHS)}, got {self.arch!r}")
+        if self.threads is not None and self.threads < 1:
+            raise InvalidRequestError(f"--threads must be at least 1, got {self.threads}")
         preset = get_preset(self.preset)
         if self.arch == "t5-byte":
             return self._validate_t5(preset)

@@ -57,6 +57,10 @@ def _args(out: Path, heldout: Path) -> list[str]:
         "float32",
         "--seed",
         "7",
+        # One thread, like the API runs it is compared with: float sums split across threads differently
+        # could differ in the last bit, and the resume test compares weights exactly.
+        "--threads",
+        "1",
     ]
 
 
@@ -68,10 +72,7 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, heldout_nsmc: Path) -> tu
 
     out = tmp_path_factory.mktemp("run") / "tiny"
     buf = io.StringIO()
-    # One thread, like the API runs it is compared with: float sums split across threads differently
-    # could differ in the last bit, and the resume test compares weights exactly.
-    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(buf):
-        mp.setattr("hubkit.training.default_threads", lambda: 1)
+    with contextlib.redirect_stdout(buf):
         assert main(_args(out, heldout_nsmc)) == 0
     return out, buf.getvalue()
 
@@ -168,6 +169,7 @@ def test_tiny_run_learns_and_writes_a_model_folder(tiny_run: tuple[Path, str]) -
     training = json.loads((out / "training.json").read_text(encoding="utf-8"))
     assert training["command"]  # the command line that produced the folder
     assert training["config"]["preset"] == "neox-tiny" and training["steps"] == 20
+    assert training["threads"] == 1  # --threads, not the machine's idle CPUs
     ppl = training["heldout"]["perplexity"]
     assert 1 < ppl < 600 and training["heldout"]["documents"] == 500
     assert f"{ppl:.2f}" in printed and "held-out perplexity" in printed
@@ -243,6 +245,14 @@ def test_empty_corpus_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: 
     nsmc = tmp_path / "header_only.txt"
     nsmc.write_text("id\tdocument\tlabel\n", encoding="utf-8")
     assert "no documents" in _cli_error(capsys, ["train-lm", str(nsmc), "--out", str(tmp_path / "o")])
+
+
+def test_bad_threads_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    path = tmp_path / "docs.txt"
+    path.write_text("좋은 영화\n재미있다\n", encoding="utf-8")
+    err = _cli_error(capsys, ["train-lm", str(path), "--out", str(tmp_path / "o"), "--threads", "0"])
+    assert "--threads must be at least 1" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_non_utf8_line_is_one_line_with_its_number(
