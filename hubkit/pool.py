@@ -230,6 +230,7 @@ class EngineActor:
             "backend": self._backend_name,
             "adapter": adapter.path if adapter is not None else None,
             "max_model_len": getattr(self._backend, "max_model_len", None),
+            "dtype": getattr(self._backend, "dtype", None),
             "loaded": self._backend is not None,
             "pid": os.getpid(),
             "node_ip": ray.util.get_node_ip_address(),
@@ -511,7 +512,7 @@ class EnginePool:
             return [r.actor for r in self._replicas]
 
     def info(self) -> dict[str, Any]:
-        """Model, backend, replicas, max_model_len, alive actors and restarts so far.
+        """Model, backend, dtype, replicas, max_model_len, alive actors and restarts so far.
 
         Pings every ready actor (up to 10 s); one found dead is replaced, as a request would do. Actors
         still loading their engine (e.g. replacements) count as ``starting``, not ``alive``.
@@ -541,6 +542,8 @@ class EnginePool:
             "adapter": self.adapter,
             "replicas": self.replicas,
             "max_model_len": self.max_model_len,
+            # The weights' dtype as the engines run them ("auto" resolved; see hubkit.engine.choose_dtype).
+            "dtype": next((a["dtype"] for a in actors if a.get("dtype")), None),
             "alive": len(actors),
             "starting": sum(not r.ready and not r.dead for r in reps),
             "restarts": restarts,

@@ -107,7 +107,7 @@ def run_quickstart(
         path, backend=backend, replicas=replicas, address=address, engine_options=engine_options
     ) as pool:
         load_seconds = time.perf_counter() - t0
-        console.print(f"engine pool ready in {load_seconds:.1f} s")
+        console.print(f"engine pool ready in {load_seconds:.1f} s (weights in {pool.info()['dtype']})")
         t1 = time.perf_counter()
         completions = tuple(pool.generate(list(prompts), params, progress=True))
         generate_seconds = time.perf_counter() - t1

@@ -371,6 +371,7 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
     )
 
     requests = 0
+    engine_dtype = None
     if todo:
         own_pool = pool is None
         if own_pool:
@@ -387,6 +388,7 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
                 adapter=adapter.path if adapter is not None else None,
             )
         assert pool is not None
+        engine_dtype = pool.info().get("dtype")  # "auto" as the engines resolved it, for the run's record
         length_check = _LengthCheck(model, pool.max_model_len) if task.truncation == "error" else None
         job_run = _JobRun(
             task=task,
@@ -439,6 +441,7 @@ def run_score(config: ScoreConfig, *, pool: EnginePool | None = None) -> ScoreRe
             "seed": seed,
             "limit": config.limit,
             "engine_options": _jsonable(engine_options),
+            "dtype": engine_dtype,
             **({"adapter": adapter.name, "adapter_sha256": adapter.sha256} if adapter is not None else {}),
             "replicas": config.replicas,
             "compile": config.compile,

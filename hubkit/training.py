@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hubkit.engine import cpu_has_native_bf16
 from hubkit.errors import DataError, InvalidRequestError
 from hubkit.runs import CHECKPOINTS, append_jsonl, command_line, library_versions, list_checkpoints
 
@@ -1234,15 +1235,6 @@ def default_threads() -> int:
     cpus = len(os.sched_getaffinity(0))
     busy = round(os.getloadavg()[0])
     return max(1, min(cpus, cpus - busy))
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), so autocast pays off."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
 def _as_tuple(value: Any) -> Any:

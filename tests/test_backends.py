@@ -143,6 +143,31 @@ def _ll_requests(tf_backend) -> tuple[list[LoglikelihoodRequest], int]:
 # ----------------------------------------------------------------------------------------------------
 
 
+def test_auto_dtype_is_float32_on_a_cpu_without_native_bfloat16() -> None:
+    import platform
+
+    import torch
+
+    from hubkit.backends.transformers import TransformersBackend
+    from hubkit.engine import choose_dtype, cpu_has_native_bf16
+
+    assert choose_dtype("auto", native_bf16=False) == "float32"
+    assert choose_dtype("auto", native_bf16=True) == "auto"  # the backend's own choice
+    assert choose_dtype("auto", device="cuda", native_bf16=False) == "auto"
+    assert choose_dtype("bfloat16", native_bf16=False) == "bfloat16"  # asked for by name: kept
+    assert choose_dtype("half") == "float16"
+    with pytest.raises(InvalidRequestError, match="use auto, float32, bfloat16 or float16"):
+        choose_dtype("int8")
+    if platform.machine() in ("x86_64", "AMD64"):
+        # torch's own CPU probe reads the same instructions off this machine.
+        assert cpu_has_native_bf16() == torch.cpu._is_avx512_bf16_supported()
+    backend = TransformersBackend("default")  # the shipped weights are bfloat16
+    try:
+        assert backend.dtype == ("bfloat16" if cpu_has_native_bf16() else "float32")
+    finally:
+        backend.shutdown()
+
+
 def test_encode_pair_follows_lm_eval(tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 

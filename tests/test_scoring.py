@@ -255,6 +255,8 @@ def test_grid_run_folder(grid_run: Any, pool: Any, tiny_model_dir: Path) -> None
         list(GRID),
     )
     assert metrics.model_parameters and metrics.model_parameters > 100_000
+    # The run records the dtype the engines ran in, not the "auto" it may have asked for.
+    assert metrics.config["dtype"] == pool.info()["dtype"] == "float32"
     for result in metrics.results:
         part = frame[frame["shots"] == result.shots]
         golds, preds = list(part["label_index"]), list(part["prediction_index"])

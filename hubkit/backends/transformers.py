@@ -33,6 +33,7 @@ from hubkit.engine import (
     check_prompt,
     check_prompt_length,
     check_prompt_logprobs_args,
+    choose_dtype,
 )
 from hubkit.errors import EngineError, InvalidRequestError, ModelNotFoundError
 from hubkit.models import resolve_model
@@ -426,7 +427,8 @@ class TransformersBackend:
 
     Args:
         model: Local model folder, Hub id (from the local cache when offline) or "default".
-        dtype: "auto" (the checkpoint's dtype), "float32", "bfloat16" or "float16".
+        dtype: "auto" (the checkpoint's dtype; float32 on a CPU without native bfloat16, see
+            :func:`hubkit.engine.choose_dtype`), "float32", "bfloat16" or "float16".
         max_model_len: Context length to enforce; defaults to the model's own.
         seed: Seeds the draws for requests that do not carry their own seed.
         batch_size: Requests per forward pass when scoring log-likelihoods.
@@ -461,7 +463,7 @@ class TransformersBackend:
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")
-        torch_dtype = _torch_dtype(dtype)
+        torch_dtype = _torch_dtype(choose_dtype(dtype, device=device))
         resolved, config = check_model(model)
         tokenizer = load_tokenizer(resolved, model)
         self.model = resolved
@@ -483,6 +485,8 @@ class TransformersBackend:
                 "pass a folder with config.json and model.safetensors"
             ) from exc
         self._model: PreTrainedModel | None = hf_model.to(device).eval()
+        #: The dtype the weights run in ("float32", "bfloat16", ...).
+        self.dtype = str(hf_model.dtype).removeprefix("torch.")
         if self.adapter is not None:
             self._model = _with_adapter(self._model, self.adapter.path)
             self.max_model_len -= self.adapter.num_virtual_tokens

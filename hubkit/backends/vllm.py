@@ -57,6 +57,7 @@ from hubkit.engine import (
     check_prompt,
     check_prompt_length,
     check_prompt_logprobs_args,
+    choose_dtype,
 )
 from hubkit.errors import EngineError, HubkitError, InvalidRequestError, ModelNotFoundError
 
@@ -146,8 +147,9 @@ class VLLMBackend:
 
     Args:
         model: Local model folder, Hub id (from the local cache when offline) or "default".
-        dtype: "auto", "float32", "bfloat16" or "float16" (vLLM may pick bfloat16 for float32
-            checkpoints on "auto"; pass "float32" for exact parity with transformers).
+        dtype: "auto", "float32", "bfloat16" or "float16". "auto" is float32 on a CPU without native
+            bfloat16 (:func:`hubkit.engine.choose_dtype`), else vLLM's choice, which on CPU is bfloat16
+            even for float32 checkpoints; pass "float32" for exact parity with transformers.
         max_model_len: Context length; defaults to the model's own.
         seed: vLLM's global seed, used by requests that carry none.
         fast_scoring: Score requests that share a context with one next-token request per distinct
@@ -237,6 +239,10 @@ class VLLMBackend:
             # vLLM's switch for models that may leave unread prompt positions unfinished; vLLM then
             # refuses prompt log-probs (hubkit's GPT-NeoX reads it: vllm_neox.GPTNeoXModel.read_rows).
             engine_options["kv_sharing_fast_prefill"] = True
+        # vLLM's "auto" is bfloat16 on every CPU, emulated (several times slower) where the CPU lacks it.
+        dtype = choose_dtype(
+            dtype, device="cpu" if current_platform.is_cpu() else current_platform.device_type
+        )
         if current_platform.is_cpu():
             # vLLM's CPU default of 128-token KV blocks makes the prefix cache share only whole
             # 128-token blocks; 32 (the smallest its CPU attention takes) lets the choices of a
@@ -300,6 +306,8 @@ class VLLMBackend:
         self.start_seconds = time.perf_counter() - started
         # vLLM's own view wins (it may cap the length by rope scaling or sliding windows).
         self.max_model_len = int(self._engine.model_config.max_model_len)
+        #: The dtype the weights run in ("float32", "bfloat16", ...), as the engine chose it.
+        self.dtype = str(self._engine.model_config.dtype).removeprefix("torch.")
         if self.adapter is not None:
             import torch
 
