@@ -360,8 +360,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def choose_dtype(dtype: str = "auto", *, device: str = "cpu", native_bf16: bool | None = None) -> str:
-    """The dtype a backend loads a model in: what was asked, except that ``"auto"`` becomes
-    ``"float32"`` on a CPU without native bfloat16.
+    """The dtype a backend loads a model in: as asked, but ``"auto"`` is float32 on a CPU without bfloat16.
 
     ``"auto"`` otherwise lets the backend choose (transformers: the checkpoint's dtype; vLLM on CPU:
     bfloat16, even for a float32 checkpoint), and bfloat16 on such a CPU is emulated and several times

@@ -114,7 +114,7 @@ class TrainConfig:
         log_every: steps per ``train_log.jsonl`` row (each row averages the loss over them).
         keep_checkpoints: how many of the newest checkpoints to keep on disk.
         eval_docs_during: held-out documents scored at each checkpoint (the final score uses all).
-        threads: torch CPU threads (default: `default_threads`, the idle CPUs when the run starts).
+        threads: torch CPU threads (default: `default_threads`, the CPUs idle when the run starts).
         autocast: run the forward pass in bfloat16 (float32 master weights and optimizer) — about twice
             as fast on CPUs with native bf16 (AVX512-BF16/AMX); default: on exactly when the CPU has it.
         stop_after: end this invocation after this step without finishing, as an interruption would;
@@ -1230,11 +1230,44 @@ def default_threads() -> int:
 
     On a machine shared with other jobs, more threads than idle cores is far slower than one thread:
     OpenMP's threads wait on each other at every operator while the scheduler runs someone else's
-    process (measured here: 2 threads on 2 busy cores gave ~250 tok/s, 1 thread ~3,800 tok/s).
+    process (measured here: 2 threads on 2 busy cores gave ~250 tok/s, 1 thread ~3,800 tok/s). And on
+    idle cores one thread too few costs as much: prompt tuning ran 1.5x slower on one of two idle cores.
     """
     cpus = len(os.sched_getaffinity(0))
-    busy = round(os.getloadavg()[0])
-    return max(1, min(cpus, cpus - busy))
+    return max(1, min(cpus, cpus - round(busy_cpus())))
+
+
+def busy_cpus(*, seconds: float = 0.5) -> float:
+    """How many of this process's CPUs other work keeps busy now, from ``/proc/stat`` over ``seconds``.
+
+    Not the load average: it decays over a minute, so right after a job ends it still counts the job
+    (a benchmark's scoring stage made the tuning that followed it run on one of two idle cores).
+    Elsewhere than Linux, the 1-minute load average.
+    """
+    mine = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+
+    def sample() -> dict[str, tuple[int, int]]:
+        times = {}
+        for line in Path("/proc/stat").read_text(encoding="ascii").splitlines():
+            name, *fields = line.split()
+            if name in mine:
+                # user nice system idle iowait irq softirq steal ...: idle and iowait are free time; steal
+                # is time the hypervisor gave to another machine, so busy.
+                ticks = [int(f) for f in fields[:8]]
+                times[name] = (sum(ticks) - ticks[3] - ticks[4], sum(ticks))
+        return times
+
+    try:
+        before = sample()
+        time.sleep(seconds)
+        after = sample()
+    except (OSError, ValueError):
+        return os.getloadavg()[0]
+    busy = 0.0
+    for name, (work, total) in after.items():
+        if name in before and total > before[name][1]:
+            busy += (work - before[name][0]) / (total - before[name][1])
+    return busy
 
 
 def _as_tuple(value: Any) -> Any:

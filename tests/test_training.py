@@ -255,6 +255,27 @@ def test_bad_threads_is_one_line(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert not (tmp_path / "o").exists()
 
 
+def test_busy_cpus_sees_work_start_and_end() -> None:
+    import subprocess
+    import sys
+    import time
+
+    from hubkit.training import busy_cpus
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        while_busy = busy_cpus(seconds=1.0)
+    finally:
+        spinner.kill()
+        spinner.wait()
+    after = busy_cpus(seconds=1.0)
+    assert while_busy >= 0.8  # one spinning process keeps one CPU busy
+    # ... and the reading drops as soon as it ends (the 1-minute load average would still count it, which
+    # made the tuning that followed a benchmark's scoring run on one of two idle cores).
+    assert after <= while_busy - 0.7, (while_busy, after)
+
+
 def test_non_utf8_line_is_one_line_with_its_number(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
