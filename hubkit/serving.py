@@ -1000,7 +1000,12 @@ def serve(
 
 @contextlib.contextmanager
 def _sigterm_as_interrupt() -> Iterator[None]:
-    """Treats SIGTERM (docker stop, kill, systemd) like Ctrl-C, so the engines are shut down cleanly."""
+    """Treats SIGTERM (docker stop, kill, systemd) like Ctrl-C, so the engines are shut down cleanly.
+
+    SIGINT too: a process started in the background by a non-interactive shell (``cmd &`` in a script, CI)
+    inherits SIGINT as ignored, and Python then never raises KeyboardInterrupt, so Ctrl-C or ``kill -INT``
+    would leave the server running.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -1009,10 +1014,12 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def shutdown() -> None:
