@@ -463,7 +463,8 @@ class TransformersBackend:
 
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidRequestError(f"batch_size must be a positive integer, got {batch_size!r}")
-        torch_dtype = _torch_dtype(choose_dtype(dtype, device=device))
+        dtype = choose_dtype(dtype, device=device)  # checked, aliases resolved, "auto" per CPU
+        torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
         resolved, config = check_model(model)
         tokenizer = load_tokenizer(resolved, model)
         self.model = resolved
@@ -892,23 +893,6 @@ def _with_adapter(model: Any, adapter_path: str) -> Any:
         raise InvalidRequestError(
             f"peft cannot load adapter {adapter_path} ({first}); pass the folder PeftModel.save_pretrained wrote"
         ) from exc
-
-
-def _torch_dtype(dtype: str) -> Any:
-    import torch
-
-    if dtype == "auto":
-        return "auto"
-    names = {
-        "float32": torch.float32,
-        "float": torch.float32,
-        "bfloat16": torch.bfloat16,
-        "float16": torch.float16,
-        "half": torch.float16,
-    }
-    if dtype not in names:
-        raise InvalidRequestError(f"dtype {dtype!r} is not supported; use auto, float32, bfloat16 or float16")
-    return names[dtype]
 
 
 class _ChunkStreamer:
