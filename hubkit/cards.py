@@ -766,7 +766,10 @@ def build_card(
 
     folder = Path(model_dir).expanduser().resolve() if model_dir is not None else None
     if folder is not None and not folder.is_dir():
-        raise DataError(f"model folder {folder} does not exist")
+        raise DataError(
+            f"model folder {folder} does not exist; pass a local model folder or 'default' "
+            "(download a Hub model first: hf download ID --local-dir DIR), or --preset NAME for a card without weights"
+        )
     tuned = read_tuned(folder)
     # A PEFT adapter folder has no config.json: its architecture, tokenizer and dtype are the base model's.
     config_dir = tuned.config_dir if tuned is not None else folder

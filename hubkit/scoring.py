@@ -209,7 +209,9 @@ def load_config(path: str | os.PathLike[str], overrides: Mapping[str, Any] | Non
 
     file = Path(path)
     if not file.is_file():
-        raise DataError(f"job config {path} does not exist")
+        raise DataError(
+            f"job config {path} does not exist; pass a job YAML (fields: ray_jobs/job.example.yaml)"
+        )
     try:
         raw = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:

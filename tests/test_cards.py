@@ -426,6 +426,10 @@ def test_cli_card_bad_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert main(["card", str(tmp_path / "nope")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not found" in err
+    # A name that could be a Hub id: a card needs the weights on disk, and the error says how to get them.
+    assert main(["card", "no-such-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "does not exist" in err and "hf download ID --local-dir DIR" in err
 
 
 def test_a_run_that_scored_nothing_leaves_no_broken_table(model_dir: Path, tmp_path: Path) -> None:

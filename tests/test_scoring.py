@@ -102,6 +102,8 @@ def test_bad_job_fields_name_the_fix(tmp_path: Path) -> None:
     (tmp_path / "job.yaml").write_text("data: [a.txt]\nout: o\nbatch-rows: 0\n")
     with pytest.raises(Exception, match="batch_rows must be a positive integer"):
         load_config(tmp_path / "job.yaml")
+    with pytest.raises(DataError, match=r"missing.yaml does not exist; pass a job YAML \(fields: ray_jobs"):
+        load_config(tmp_path / "missing.yaml")
 
 
 def test_cli_errors_are_one_line_and_start_no_ray(tmp_path: Path, tiny_model_dir: Path, capsys) -> None:
