@@ -1242,7 +1242,7 @@ def busy_cpus(*, seconds: float = 0.5) -> float:
 
     Not the load average: it decays over a minute, so right after a job ends it still counts the job
     (a benchmark's scoring stage made the tuning that followed it run on one of two idle cores).
-    Elsewhere than Linux, the 1-minute load average.
+    Where ``/proc/stat`` cannot be read, the 1-minute load average.
     """
     mine = {f"cpu{c}" for c in os.sched_getaffinity(0)}
 
